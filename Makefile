@@ -1,0 +1,53 @@
+# Every target creates the environment it needs, so each is one command on a fresh machine.
+# On a GPU machine, install the CUDA build of torch you want first, or set TORCH (e.g. TORCH=torch).
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+RUN_NAME := demo-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: setup demo demo-siglip test test-all bench lint clean
+
+setup: $(VENV)/.installed
+
+# torch first: installed alone it takes the CPU build from local disk here, and `-e .` then finds it satisfied.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup  ## train the CLIP preset on the built-in world, evaluate, print the results
+	$(BIN)/vlfm train configs/shapes-clip.yaml -o name=$(RUN_NAME)
+	$(BIN)/vlfm info runs/$(RUN_NAME)
+
+demo-siglip: setup
+	$(BIN)/vlfm train configs/shapes-siglip.yaml -o name=siglip-$(RUN_NAME)
+
+test: setup  ## fast tests (slow end-to-end runs are deselected)
+	$(BIN)/python -m pytest -q
+
+test-all: setup  ## everything, including the full preset trainings (~20 minutes on 2 cores)
+	$(BIN)/python -m pytest -q -m ""
+
+# open_clip needs torchvision, which does not import beside torch 2.13.0, so the bench gets its own venv with a
+# torch/torchvision pair that does (a CUDA build, ~5.5 GB, fine on the CPU; pip takes it from local disk here).
+# The pins go on every pip call so open_clip_torch and vlfm never swap torch for a newer release.
+BENCH_VENV := .venv-bench
+BENCH_TORCH ?= torch==2.14.1 torchvision==0.29.1
+
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q $(BENCH_TORCH)
+	$(BENCH_VENV)/bin/pip install -q $(BENCH_TORCH) open_clip_torch
+	$(BENCH_VENV)/bin/pip install -q $(BENCH_TORCH) -e .
+	touch $@
+
+bench: $(BENCH_VENV)/.installed  ## vlfm vs open_clip training samples/s (flags: BENCH_ARGS="--steps 5")
+	$(BENCH_VENV)/bin/python bench/train_step.py $(BENCH_ARGS)
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf $(VENV) .venv-bench build src/*.egg-info .pytest_cache

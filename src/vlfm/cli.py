@@ -1,0 +1,196 @@
+"""`vlfm` command line: train | eval | classify | embed | info.
+
+Errors a user can fix (bad config key, missing file, non-image, checkpoint without weights) print one line
+and exit with code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class UsageError(ValueError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlfm", description="A compact toolkit for vision-language foundation models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from a YAML preset (configs/*.yaml)")
+    p.add_argument("config", help="YAML config, e.g. configs/shapes-clip.yaml")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field, e.g. -o train.steps=100 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+
+    p = sub.add_parser("eval", help="evaluate a run or checkpoint on the built-in world; writes eval.json")
+    p.add_argument("checkpoint", help="run directory or checkpoint directory")
+    p.add_argument("--out", help="where to write eval.json (default: the run or checkpoint directory)")
+    p.add_argument("--retrieval-size", type=int, default=1000, help="held-out scenes for retrieval")
+    p.add_argument("--classify-size", type=int, default=500, help="single-object scenes per zero-shot set")
+
+    p = sub.add_parser("classify", help="zero-shot classify images among natural-language labels")
+    p.add_argument("checkpoint")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--labels", required=True, help='comma-separated labels, e.g. "a red circle,a blue square"')
+    p.add_argument("--templates", help='comma-separated prompt templates with {}, e.g. "a photo of {}"')
+
+    p = sub.add_parser("embed", help="write normalised embeddings of images or texts to a .npy file")
+    p.add_argument("checkpoint")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="folder of images (sorted by name; undecodable ones are skipped)")
+    source.add_argument("--texts", help="text file, one text per line")
+    p.add_argument("--out", required=True, help="output .npy (a .txt beside it lists the rows)")
+    p.add_argument("--batch-size", type=int, default=256)
+
+    p = sub.add_parser("info", help="describe a checkpoint: architecture, sizes, files")
+    p.add_argument("checkpoint")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from vlfm.checkpoint import CheckpointError
+    from vlfm.config import ConfigError
+    from vlfm.train import RunExistsError
+
+    try:
+        return COMMANDS[args.command](args) or 0
+    except (UsageError, ConfigError, CheckpointError, RunExistsError, FileNotFoundError) as error:
+        print(f"vlfm {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def cmd_train(args) -> None:
+    from vlfm.config import load_config
+    from vlfm.train import run
+
+    config = load_config(args.config, args.override)
+    metrics = run(config, resume=args.resume)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, indent=2))
+    print(f"run directory: {config.run_dir}")
+
+
+def cmd_eval(args) -> None:
+    import yaml
+
+    import vlfm
+    from vlfm.checkpoint import resolve
+    from vlfm.config import RunConfig, from_dict
+    from vlfm.data.shapes import WorldConfig
+    from vlfm.eval.world import WorldBenchmark
+    from vlfm.train import write_eval
+
+    path = Path(args.checkpoint)
+    model = vlfm.load(path)
+    run_config = path / "config.yaml"
+    if run_config.is_file():  # a run directory: evaluate on the world it trained on
+        world = from_dict(RunConfig, yaml.safe_load(run_config.read_text())).data.world
+    else:
+        world = WorldConfig(image_size=model.config.vision.image_size)
+    metrics = WorldBenchmark(world, args.classify_size, args.retrieval_size).evaluate(model)
+    out = write_eval(Path(args.out) if args.out else (path if path.is_dir() and run_config.is_file() else resolve(path)), metrics)
+    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))
+    print(f"wrote {out}")
+
+
+def open_image(path: str | Path) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise UsageError(f"{path} is not a readable image ({type(error).__name__})") from None
+
+
+def cmd_classify(args) -> None:
+    import vlfm
+
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    if len(labels) < 2:
+        raise UsageError("--labels needs at least two comma-separated labels")
+    templates = [t.strip() for t in args.templates.split(",")] if args.templates else None
+    if templates and any("{}" not in t for t in templates):
+        raise UsageError("every template needs a {} where the label goes")
+    images = [open_image(p) for p in args.images]
+    model = vlfm.load(args.checkpoint)
+    probabilities = model.classify(images, labels, templates)
+    width = max(len(label) for label in labels)
+    for path, row in zip(args.images, probabilities):
+        best = int(row.argmax())
+        print(f"{path}: {labels[best]}")
+        for label, p in sorted(zip(labels, row.tolist()), key=lambda t: -t[1]):
+            print(f"  {label:<{width}}  {p:.3f}")
+
+
+def cmd_embed(args) -> None:
+    import numpy as np
+
+    import vlfm
+
+    model = vlfm.load(args.checkpoint)
+    if args.texts:
+        text_file = Path(args.texts)
+        if not text_file.is_file():
+            raise FileNotFoundError(f"text file {str(text_file)!r} does not exist")
+        rows = [line.strip() for line in text_file.read_text().splitlines() if line.strip()]
+        if not rows:
+            raise UsageError(f"{text_file} has no non-empty lines")
+        embeddings = model.embed_texts(rows, args.batch_size)
+    else:
+        folder = Path(args.images)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
+        images, rows, skipped = [], [], []
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            try:
+                images.append(open_image(path))
+                rows.append(str(path))
+            except UsageError:
+                skipped.append(path.name)
+        if skipped:
+            logging.getLogger("vlfm").warning("skipped %d undecodable image(s): %s", len(skipped), ", ".join(skipped[:5]))
+        if not images:
+            raise UsageError(f"{folder} holds no readable images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        embeddings = model.embed_images(images, args.batch_size)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, embeddings.cpu().numpy().astype(np.float32))
+    out.with_suffix(".txt").write_text("\n".join(rows) + "\n")
+    print(f"wrote {tuple(embeddings.shape)} embeddings to {out}")
+
+
+def cmd_info(args) -> None:
+    import vlfm
+    from vlfm.checkpoint import resolve
+    from vlfm.config import to_dict
+
+    directory = resolve(args.checkpoint)
+    model = vlfm.load(directory)
+    c = model.config
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    print(f"checkpoint: {directory}")
+    print(f"kind: {c.kind}  embed_dim: {c.embed_dim}  parameters: {count(model) / 1e6:.2f}M")
+    print(f"vision: {c.vision.image_size}px patch {c.vision.patch_size} width {c.vision.width} x {c.vision.layers} layers, "
+          f"stem {c.vision.stem}, pool {c.vision.pool} ({count(model.visual) / 1e6:.2f}M)")
+    print(f"text: context {c.text.context_length} width {c.text.width} x {c.text.layers} layers, "
+          f"{'causal' if c.text.causal else 'bidirectional'}, pool {c.text.pool} ({count(model.text) / 1e6:.2f}M)")
+    print(f"tokenizer: {model.tokenizer.vocab_size if model.tokenizer else 'none'} tokens; preprocess: {to_dict(model.preprocess_config)}")
+    print("files: " + ", ".join(sorted(p.name for p in directory.iterdir())))
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "classify": cmd_classify, "embed": cmd_embed, "info": cmd_info}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Every configuration is a dataclass; YAML presets fill them and `key=value` overrides change single fields.
+
+Unknown keys are errors (a typo must never silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlfm.data.shapes import WorldConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message says which key and what to fix."""
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    act: str = "gelu"  # gelu | quick_gelu | gelu_tanh
+    norm_eps: float = 1e-5
+    stem: str = "patch"  # patch: one strided conv | conv: a small conv stack down to the same token grid
+    patch_bias: bool = True
+    class_token: bool = False
+    pre_norm: bool = False  # a LayerNorm before the blocks (CLIP's ln_pre)
+    pool: str = "mean"  # cls | mean | map (attention pooling with a learned probe)
+
+    def __post_init__(self):
+        _check_choice("vision.pool", self.pool, ("cls", "mean", "map"))
+        _check_choice("vision.stem", self.stem, ("patch", "conv"))
+        _check_choice("vision.act", self.act, ACTIVATIONS)
+        if self.pool == "cls" and not self.class_token:
+            raise ConfigError("vision.pool=cls needs vision.class_token=true")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.width % self.heads:
+            raise ConfigError(f"vision.width {self.width} is not divisible by vision.heads {self.heads}")
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 1024
+    context_length: int = 32
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    act: str = "gelu"
+    norm_eps: float = 1e-5
+    causal: bool = True  # CLIP: causal mask; SigLIP: bidirectional
+    pool: str = "eos"  # eos (first end-of-text token) | last (last non-padding token) | mean | first
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        _check_choice("text.pool", self.pool, ("eos", "last", "mean", "first"))
+        _check_choice("text.act", self.act, ACTIVATIONS)
+        if self.width % self.heads:
+            raise ConfigError(f"text.width {self.width} is not divisible by text.heads {self.heads}")
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "clip"  # clip (softmax loss) | siglip (sigmoid loss)
+    embed_dim: int = 128
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    logit_scale_init: float | None = None  # log of the temperature's inverse; None: the kind's default
+    logit_bias_init: float | None = None  # SigLIP only; None: -10
+    max_logit_scale: float = 4.6052  # ln(100), CLIP's clamp
+
+    def __post_init__(self):
+        _check_choice("model.kind", self.kind, ("clip", "siglip"))
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"  # shapes | a caption file (.csv/.tsv/.jsonl with filepath + caption)
+    train_size: int = 20000  # scenes rendered for training (shapes)
+    eval_size: int = 1000  # held-out scenes for retrieval
+    classify_size: int = 500  # single-object scenes per zero-shot evaluation set
+    world: WorldConfig = field(default_factory=WorldConfig)
+    augment: bool = False  # random resized crop (+ flip when allowed); off for shapes: it breaks "left of"
+    caption_column: str = "caption"
+    image_column: str = "filepath"
+    workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 256
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.0
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    clip_grad: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a grad scaler; GPU only)
+    logit_lr_mult: float = 1.0  # learning-rate multiplier for logit_scale / logit_bias
+    eval_every: int = 250
+    save_every: int = 250
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    multi_positive: bool = True  # identical captions in a batch are positives of each other
+
+    def __post_init__(self):
+        _check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh", "relu", "silu")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+
+
+def from_dict(cls, data: dict[str, Any] | None, prefix: str = ""):
+    """Build dataclass `cls` from a nested dict; unknown keys raise ConfigError naming them."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{prefix}{unknown[0]}' (known keys under {prefix.rstrip('.') or 'the top level'}: "
+            f"{', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name} must be a mapping, got {value!r}")
+            kwargs[name] = from_dict(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as error:
+        raise ConfigError(f"{prefix or 'config'}: {error}") from None
+
+
+def to_dict(obj) -> dict[str, Any]:
+    return dataclasses.asdict(obj, dict_factory=lambda items: {k: list(v) if isinstance(v, tuple) else v for k, v in items})
+
+
+def _coerce(value, hint, key: str):
+    """Check a YAML/JSON value against a field's type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        return _coerce(value, hint, key)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r}")
+    if origin in (list, tuple) and not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key} must be a list, got {value!r}")
+    return value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=100)")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist (presets live in configs/)")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a YAML mapping")
+        data.setdefault("name", path.stem)
+    return from_dict(RunConfig, apply_overrides(data, overrides or []))

@@ -1,0 +1,75 @@
+"""Real data: caption files (CSV/TSV with `filepath` and `caption` columns, or JSONL) decoded into memory.
+
+Undecodable images are skipped and counted, never fatal and never silent; a file with missing columns or
+no usable rows fails early with a message that names the problem.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from vlfm.data.transforms import Preprocess, to_uint8_tensor
+
+log = logging.getLogger("vlfm")
+
+
+@dataclass
+class ImageTextData:
+    """Images as uint8 (N, 3, H, W) and, for each, one or more captions (training picks one per step)."""
+
+    images: torch.Tensor
+    captions: list[list[str]]
+    skipped: int = 0
+
+    def __post_init__(self):
+        if len(self.images) != len(self.captions):
+            raise ValueError(f"{len(self.images)} images but {len(self.captions)} caption lists")
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def read_caption_file(path: str | Path, image_column: str = "filepath", caption_column: str = "caption") -> list[tuple[Path, str]]:
+    """(image path, caption) rows; relative image paths are relative to the caption file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"caption file {str(path)!r} does not exist")
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        columns = set().union(*(row.keys() for row in rows)) if rows else set()
+    elif path.suffix in (".csv", ".tsv"):
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ",")
+            rows, columns = list(reader), set(reader.fieldnames or [])
+    else:
+        raise ValueError(f"{path}: caption files must be .csv, .tsv or .jsonl")
+    missing = [c for c in (image_column, caption_column) if c not in columns]
+    if missing:
+        raise ValueError(f"{path} lacks column(s) {', '.join(missing)} (found: {', '.join(sorted(columns)) or 'none'})")
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    return [(path.parent / str(row[image_column]), str(row[caption_column])) for row in rows]
+
+
+def load_image_text(rows: list[tuple[Path, str]], preprocess: Preprocess) -> ImageTextData:
+    """Decode, resize and centre-crop every image; undecodable ones are skipped and counted in the log."""
+    images, captions, failures = [], [], []
+    for image_path, caption in rows:
+        try:
+            with Image.open(image_path) as image:
+                images.append(preprocess.resize_crop(image))
+            captions.append([caption])
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            failures.append(f"{image_path} ({type(error).__name__})")
+    if failures:
+        log.warning("skipped %d of %d images that could not be decoded, e.g. %s", len(failures), len(rows), failures[0])
+    if not images:
+        raise ValueError(f"none of the {len(rows)} images could be decoded (first: {failures[0]})")
+    return ImageTextData(to_uint8_tensor(images), captions, skipped=len(failures))

@@ -1,0 +1,117 @@
+"""CLIP / SigLIP two-tower model: an image tower and a text tower projected into one embedding space.
+
+`encode_image` / `encode_text` return unnormalised projected features (like Hugging Face's get_*_features);
+`forward` returns normalised features with the logit scale (and bias). A loaded model carries its tokenizer
+and preprocessing, so `model.classify(images, labels)` works from raw inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from vlfm.config import ModelConfig
+from vlfm.data.tokenizer import Tokenizer
+from vlfm.data.transforms import Preprocess
+from vlfm.models.text import TextTransformer
+from vlfm.models.vit import VisionTransformer
+
+
+class TwoTowerModel(nn.Module):
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None, preprocess: Preprocess | None = None):
+        super().__init__()
+        self.config = config
+        self.visual = VisionTransformer(config.vision, config.embed_dim)
+        self.text = TextTransformer(config.text, config.embed_dim)
+        if config.kind == "clip":
+            scale = math.log(1 / 0.07) if config.logit_scale_init is None else config.logit_scale_init
+            self.logit_scale = nn.Parameter(torch.tensor(float(scale)))
+            self.logit_bias = None
+        else:
+            scale = math.log(10.0) if config.logit_scale_init is None else config.logit_scale_init
+            bias = -10.0 if config.logit_bias_init is None else config.logit_bias_init
+            self.logit_scale = nn.Parameter(torch.tensor(float(scale)))
+            self.logit_bias = nn.Parameter(torch.tensor(float(bias)))
+        self.tokenizer = tokenizer
+        self.preprocess_config = preprocess or Preprocess(image_size=config.vision.image_size)
+
+    # --- features -----------------------------------------------------------------------------------
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.visual(pixels)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.text(input_ids, attention_mask)
+
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Normalised image and text features (B, embed_dim) each, the logit scale exp(t') and the bias."""
+        image = F.normalize(self.encode_image(pixels), dim=-1)
+        text = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)
+        return image, text, self.logit_scale.exp(), self.logit_bias
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """CLIP clamps the learned temperature so logits never exceed 100x cosine (called after each step)."""
+        self.logit_scale.clamp_(0, self.config.max_logit_scale)
+
+    # --- raw inputs ---------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def tokenize(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tokenizer is None:
+            raise RuntimeError("this model has no tokenizer attached (load it from a checkpoint with tokenizer.json)")
+        return self.tokenizer(texts, self.config.text.context_length)
+
+    def preprocess(self, images: Image.Image | list[Image.Image]) -> torch.Tensor:
+        return self.preprocess_config(images)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Normalised text embeddings (N, embed_dim), computed in batches."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            ids, mask = self.tokenize(texts[start : start + batch_size])
+            out.append(F.normalize(self.encode_text(ids.to(self.device), mask.to(self.device)).float(), dim=-1))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def embed_images(self, images: list[Image.Image] | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Normalised image embeddings (N, embed_dim) from PIL images or preprocessed pixels."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pixels = chunk if isinstance(chunk, torch.Tensor) else self.preprocess(chunk)
+            out.append(F.normalize(self.encode_image(pixels.to(self.device)).float(), dim=-1))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def label_embeddings(self, labels: list[str], templates: list[str] | None = None) -> torch.Tensor:
+        """One normalised embedding per label: the mean of its normalised prompt embeddings, renormalised."""
+        templates = templates or ["{}"]
+        prompts = [template.format(label) for label in labels for template in templates]
+        embeddings = self.embed_texts(prompts).view(len(labels), len(templates), -1).mean(dim=1)
+        return F.normalize(embeddings, dim=-1)
+
+    def logits(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        logits = self.logit_scale.exp().float() * image_embeddings @ text_embeddings.T
+        return logits + self.logit_bias.float() if self.logit_bias is not None else logits
+
+    @torch.no_grad()
+    def classify(self, images, labels: list[str], templates: list[str] | None = None) -> torch.Tensor:
+        """Probabilities (images x labels): softmax over labels for CLIP, independent sigmoids for SigLIP."""
+        was_training = self.training
+        self.eval()
+        logits = self.logits(self.embed_images(images), self.label_embeddings(labels, templates))
+        self.train(was_training)
+        return logits.softmax(dim=-1) if self.logit_bias is None else logits.sigmoid()
+
+    def save(self, path: str | Path) -> Path:
+        from vlfm.checkpoint import save_model
+
+        return save_model(self, path)

@@ -1,0 +1,104 @@
+"""Shared transformer blocks: attention with separate q/k/v Linears (so LoRA and checkpoint key maps stay
+simple), an MLP, and the pre-norm residual block used by both towers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def activation(name: str) -> nn.Module:
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "relu":
+        return nn.ReLU()
+    if name == "silu":
+        return nn.SiLU()
+    raise ValueError(f"unknown activation {name!r}")
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation of OpenAI's CLIP weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, bias: bool = True):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width, bias=bias)
+        self.k_proj = nn.Linear(width, width, bias=bias)
+        self.v_proj = nn.Linear(width, width, bias=bias)
+        self.out_proj = nn.Linear(width, width, bias=bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        # x: (B, N, D) -> q, k, v: (B, heads, N, D/heads)
+        b, n, d = x.shape
+        q, k, v = (p(x).view(b, n, self.heads, d // self.heads).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        if causal and mask is not None:
+            mask = mask & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            causal = False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = activation(act)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str, eps: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=eps)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, int(width * mlp_ratio), act)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask, causal)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of blocks with an optional gradient-checkpointing switch (recompute activations in backward)."""
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, act: str, eps: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, eps) for _ in range(layers))
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, causal, use_reentrant=False)
+            else:
+                x = block(x, mask, causal)
+        return x
+
+
+def init_transformer(module: nn.Module, layers: int) -> None:
+    """GPT-2 style init: normal(0.02) everywhere, residual output projections scaled by 1/sqrt(2*layers)."""
+    for name, p in module.named_parameters():
+        if p.dim() >= 2 and "embed" not in name.split(".")[-1]:
+            std = 0.02 / math.sqrt(2 * layers) if name.endswith(("out_proj.weight", "fc2.weight")) else 0.02
+            nn.init.normal_(p, std=std)
+        elif name.endswith("bias") and p.dim() == 1 and "norm" not in name:
+            nn.init.zeros_(p)

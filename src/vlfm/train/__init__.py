@@ -1,0 +1,60 @@
+"""Training entry point: resolve the run directory, build the task, run the loop, evaluate, plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+
+from vlfm.config import RunConfig, to_dict
+
+log = logging.getLogger("vlfm")
+
+
+class RunExistsError(RuntimeError):
+    pass
+
+
+def run(config: RunConfig, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Train `config` into config.run_dir; returns the final evaluation (empty when stopped early)."""
+    from vlfm.checkpoint import latest_checkpoint
+    from vlfm.train.contrastive import ContrastiveTask
+    from vlfm.train.loop import pick_device, train
+    from vlfm.train.plots import plot_curves, plot_similarity
+
+    run_dir = config.run_dir
+    if not resume and (latest_checkpoint(run_dir) is not None or (run_dir / "model").exists()):
+        raise RunExistsError(f"run directory {run_dir} already holds a run; pass --resume to continue it, "
+                             f"or choose another name with -o name=...")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        torch.manual_seed(config.train.seed)
+        device = pick_device(config.train.device)
+        task = ContrastiveTask(config, device)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        result = train(task, config.train, run_dir, resume=resume, stop_after=stop_after)
+        if result["step"] < config.train.steps:
+            return {}
+        write_eval(run_dir, result["last_eval"])
+        plot_curves(result["history"], run_dir / "curves.png")
+        if task.benchmark is not None:
+            bench = task.benchmark
+            plot_similarity(task.model, bench.retrieval_images[:8], bench.queries[:8], run_dir / "similarity.png")
+        return result["last_eval"]
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def write_eval(directory: Path, metrics: dict) -> Path:
+    path = Path(directory) / "eval.json"
+    path.write_text(json.dumps(metrics, indent=2))
+    return path

@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from vlfm.config import load_config
+
+torch.set_num_threads(2)
+
+TINY = [
+    "model.embed_dim=32",
+    "model.vision.width=32", "model.vision.layers=2", "model.vision.heads=2", "model.vision.patch_size=8",
+    "model.vision.image_size=32", "data.world.image_size=32",
+    "model.text.width=32", "model.text.layers=2", "model.text.heads=2", "model.text.vocab_size=512",
+    "data.train_size=256", "data.eval_size=64", "data.classify_size=30", "data.workers=1",
+    "train.batch_size=32", "train.steps=6", "train.warmup_steps=2", "train.eval_every=0", "train.save_every=3",
+    "train.log_every=2",
+]
+
+
+def tiny_config(tmp_path, *overrides, name="tiny"):
+    return load_config(None, TINY + [f"output_dir={tmp_path}", f"name={name}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A tiny CLIP run trained once for the whole session (its directory: model/, eval.json, plots)."""
+    from vlfm.train import run
+
+    tmp = tmp_path_factory.mktemp("runs")
+    config = tiny_config(tmp)
+    run(config)
+    return config.run_dir

@@ -1,0 +1,61 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import vlfm
+from vlfm.checkpoint import CheckpointError, atomic_directory, save_model
+
+
+def test_save_load_round_trip(trained_run, tmp_path):
+    model = vlfm.load(trained_run)
+    assert model.tokenizer is not None
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    ids, mask = model.tokenize(["a red circle", "two shapes: a big blue star and a small green cross", "x"])
+    again = vlfm.load(model.save(tmp_path / "copy"))
+    assert torch.equal(model.encode_image(images), again.encode_image(images))
+    assert torch.equal(model.encode_text(ids, mask), again.encode_text(ids, mask))
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == [
+        "config.json", "model.safetensors", "preprocess.json", "tokenizer.json"]
+
+
+def test_missing_weights_is_an_error(trained_run, tmp_path):
+    target = tmp_path / "broken"
+    save_model(vlfm.load(trained_run), target)
+    (target / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        vlfm.load(target)
+
+
+def test_mismatched_weights_list_the_keys(trained_run, tmp_path):
+    target = tmp_path / "mismatch"
+    save_model(vlfm.load(trained_run), target)
+    state = load_file(str(target / "model.safetensors"))
+    state.pop("logit_scale")
+    state["extra.weight"] = torch.zeros(2)
+    state["visual.pos_embed"] = torch.zeros(1, 3, 32)
+    save_file(state, str(target / "model.safetensors"))
+    with pytest.raises(CheckpointError) as error:
+        vlfm.load(target)
+    message = str(error.value)
+    assert "missing: logit_scale" in message and "unexpected: extra.weight" in message
+    assert "visual.pos_embed: checkpoint (1, 3, 32)" in message
+
+
+def test_foreign_architecture_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(CheckpointError, match="'gpt2'"):
+        vlfm.load(tmp_path)
+
+
+def test_atomic_directory_keeps_old_contents_on_failure(tmp_path):
+    target = tmp_path / "ckpt"
+    with atomic_directory(target) as tmp:
+        (tmp / "a.txt").write_text("first")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as tmp:
+            (tmp / "a.txt").write_text("second")
+            raise RuntimeError("crash while writing")
+    assert (target / "a.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left behind

@@ -1,0 +1,33 @@
+import pytest
+
+from vlfm.config import ConfigError, RunConfig, from_dict, load_config, to_dict
+
+
+def test_presets_load():
+    for name in ("shapes-clip", "shapes-siglip", "vit-b-32"):
+        config = load_config(f"configs/{name}.yaml")
+        assert config.name == name
+        assert from_dict(RunConfig, to_dict(config)) == config  # dict round trip
+
+
+def test_overrides_parse_yaml_values():
+    config = load_config("configs/shapes-clip.yaml", ["train.steps=7", "model.vision.stem=patch", "train.lr=3e-4"])
+    assert config.train.steps == 7 and config.model.vision.stem == "patch" and config.train.lr == 3e-4
+
+
+def test_unknown_key_names_it():
+    with pytest.raises(ConfigError, match="'train.stpes'"):
+        load_config(None, ["train.stpes=3"])
+    with pytest.raises(ConfigError, match="unknown config key 'bogus'"):
+        from_dict(RunConfig, {"bogus": 1})
+
+
+def test_wrong_type_and_choice():
+    with pytest.raises(ConfigError, match="train.steps must be int"):
+        load_config(None, ["train.steps=lots"])
+    with pytest.raises(ConfigError, match="model.kind"):
+        load_config(None, ["model.kind=align"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/nope.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.steps"])

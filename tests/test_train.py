@@ -1,0 +1,92 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import TINY, tiny_config
+from vlfm.config import TrainConfig
+from vlfm.train import RunExistsError, run
+from vlfm.train.loop import lr_factor
+
+
+def test_run_directory_contents(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"model", "checkpoints", "metrics.jsonl", "eval.json", "config.yaml", "curves.png", "similarity.png", "train.log"} <= names
+    metrics = json.loads((trained_run / "eval.json").read_text())
+    for key in ("zeroshot_top1", "zeroshot_top5", "t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5", "t2i_r1_strict"):
+        assert 0.0 <= metrics[key] <= 1.0
+    lines = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [2, 4, 6]
+    # a checkpoint every 3 steps, the last two kept, each complete
+    assert sorted(p.name for p in (trained_run / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+
+
+def test_training_reduces_the_loss(tmp_path):
+    config = tiny_config(tmp_path, "train.steps=40", "train.lr=2e-3", "train.save_every=0", "data.eval_size=0",
+                         "data.classify_size=0")
+    run(config)
+    losses = [json.loads(line)["loss"] for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-3:]) / 3 < 0.8 * losses[0]
+
+
+def test_existing_run_is_not_overwritten(trained_run):
+    from vlfm.config import load_config
+
+    config = load_config(None, TINY + [f"output_dir={trained_run.parent}", f"name={trained_run.name}"])
+    with pytest.raises(RunExistsError, match="--resume"):
+        run(config)
+
+
+def test_lr_schedule():
+    config = TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, config) == pytest.approx(0.1) and lr_factor(9, config) == pytest.approx(1.0)
+    assert lr_factor(60, config) == pytest.approx(0.55) and lr_factor(110, config) == pytest.approx(0.1)
+
+
+def vlfm_train(tmp_path, name, *extra):
+    args = [sys.executable, "-m", "vlfm.cli", "train", str(tmp_path / "empty.yaml")]
+    for o in TINY + [f"output_dir={tmp_path}", f"name={name}", "train.steps=40", "train.save_every=5",
+                     "data.eval_size=0", "data.classify_size=0", *extra]:
+        args += ["-o", o]
+    return args
+
+
+def test_sigkill_and_resume_gives_identical_weights(tmp_path):
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(vlfm_train(tmp_path, "straight"), check=True, capture_output=True, env=env)
+
+    process = subprocess.Popen(vlfm_train(tmp_path, "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    checkpoint = tmp_path / "killed" / "checkpoints" / "step_00000010" / "train_state.json"
+    deadline = time.time() + 120
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (tmp_path / "killed" / "model").exists()
+
+    subprocess.run(vlfm_train(tmp_path, "killed") + ["--resume"], check=True, capture_output=True, env=env)
+    a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 40
+
+
+def test_training_from_a_caption_file_counts_corrupt_images(tmp_path):
+    for i in range(40):
+        Image.new("RGB", (36, 36), ((i * 37) % 255, (i * 91) % 255, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    rows = "".join(f"{i}.png,colour number {i}\n" for i in range(40))
+    (tmp_path / "c.csv").write_text("filepath,caption\n" + rows + "bad.jpg,broken\n")
+    config = tiny_config(tmp_path, f"data.source={tmp_path / 'c.csv'}", "train.steps=2", "model.text.vocab_size=400")
+    run(config)
+    assert "skipped 1 of 41 images" in (config.run_dir / "train.log").read_text()
+    assert (config.run_dir / "model" / "model.safetensors").is_file()
