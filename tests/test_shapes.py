@@ -301,3 +301,22 @@ def test_object_weights_and_heldout_needs_labels():
         ShapesWorld(WorldConfig(held_out=[])).scene("heldout", 0)
     assert len(ShapesWorld(WorldConfig(held_out=[])).seen_labels) == 30
     assert len(SHAPES) == 5
+
+
+def test_grey_scenes_only_in_training_and_never_name_colours():
+    world = ShapesWorld(WorldConfig(grey_fraction=0.4))
+    grey = [s for s in (world.scene("train", i) for i in range(300)) if s.grey]
+    assert 80 < len(grey) < 160
+    assert not any(world.scene(split, i).grey for split in ("val", "heldout", "single") for i in range(100))
+    for scene in grey[:20]:
+        pixels = np.asarray(world.render(scene)).astype(int)
+        assert (pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()
+        words = {w for c in captions(scene) for w in c.replace(",", " ").replace(":", " ").split()}
+        words |= {w for q, a in questions(scene) for w in (q + " " + a).split()}
+        assert not words & set(COLOURS), words & set(COLOURS)
+        assert all(o.shape in captions(scene)[0] for o in scene.objects)
+    # the same index gives the same scene whether or not grey scenes are enabled (only the flag differs)
+    plain = ShapesWorld(WorldConfig())
+    assert plain.scene("train", 5).objects == world.scene("train", 5).objects
+    with pytest.raises(ValueError, match="grey_fraction"):
+        WorldConfig(grey_fraction=1.0)

@@ -30,7 +30,11 @@ class TextTransformer(nn.Module):
         x = self.token_embed(input_ids) + self.pos_embed[:, :n].to(self.token_embed.weight.dtype)
         mask = None
         if attention_mask is not None and not bool(attention_mask.all()):
-            mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): keys a query may attend to
+            right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+            # Causal + right padding: real tokens never see the padding after them, and padded positions are
+            # never pooled, so the mask can be dropped and SDPA keeps its fast causal kernel.
+            if not (self.config.causal and right_padded):
+                mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): keys a query may attend to
         return self.norm(self.transformer(x, mask, causal=self.config.causal))
 
     def pool(self, tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

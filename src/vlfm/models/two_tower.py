@@ -53,6 +53,10 @@ class TwoTowerModel(nn.Module):
         text = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)
         return image, text, self.logit_scale.exp(), self.logit_bias
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        self.visual.transformer.grad_checkpointing = enabled
+        self.text.transformer.grad_checkpointing = enabled
+
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
         """CLIP clamps the learned temperature so logits never exceed 100x cosine (called after each step)."""

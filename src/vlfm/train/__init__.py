@@ -37,7 +37,7 @@ def run(config: RunConfig, resume: bool = False, stop_after: int | None = None) 
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
         torch.manual_seed(config.train.seed)
-        device = pick_device(config.train.device)
+        device = pick_device(config.train)
         task = ContrastiveTask(config, device)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
         result = train(task, config.train, run_dir, resume=resume, stop_after=stop_after)

@@ -46,6 +46,7 @@ class ContrastiveTask:
                               f"{config.model.text.vocab_size}; raise model.text.vocab_size")
         config.model.text.eos_token_id, config.model.text.pad_token_id = tokenizer.eos_id, tokenizer.pad_id
         self.model = TwoTowerModel(config.model, tokenizer, self.preprocess).to(device)
+        self.model.set_grad_checkpointing(config.train.grad_checkpointing)
 
         # Tokenize each distinct caption once; a training step only indexes into these tensors.
         vocabulary = {c: i for i, c in enumerate(dict.fromkeys(all_captions))}

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from vlfm.checkpoint import latest_checkpoint, load_training_checkpoint, save_model, save_training_checkpoint
-from vlfm.config import TrainConfig
+from vlfm.config import ConfigError, TrainConfig
 
 log = logging.getLogger("vlfm")
 
@@ -41,12 +41,13 @@ class Task(Protocol):
     def batch_size(self) -> int: ...
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+def pick_device(config: TrainConfig) -> torch.device:
+    """The training device, checked against the precision before any data is built."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name} but no CUDA device is available (install a CUDA build of torch)")
+        raise ConfigError(f"train.device={config.device} but no CUDA device is available (install a CUDA build of torch)")
+    if config.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a GPU (its grad scaler is CUDA-only here); use bf16 or fp32")
     return device
 
 
@@ -93,8 +94,6 @@ def train(task: Task, config: TrainConfig, run_dir: Path, resume: bool = False, 
     """Run (or continue) training; returns the last evaluation. `stop_after` ends early (tests, resume)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     device = next(task.model.parameters()).device
-    if config.precision == "fp16" and device.type != "cuda":
-        raise ValueError("train.precision=fp16 needs a GPU (its grad scaler is CUDA-only here); use bf16 or fp32")
     optimizer = torch.optim.AdamW(parameter_groups(task.model, config), lr=config.lr, betas=config.betas, eps=config.eps)
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
     step, history = 0, {"train": [], "eval": []}
@@ -147,12 +146,14 @@ def train(task: Task, config: TrainConfig, run_dir: Path, resume: bool = False, 
         bar.update(1)
         is_last = step == config.steps
         if (config.eval_every and step % config.eval_every == 0) or is_last:
-            last_eval = {"step": step, **task.evaluate()}
+            metrics = task.evaluate()
             task.model.train()
-            history["eval"].append(last_eval)
-            metrics_file.write(json.dumps(last_eval) + "\n")
-            metrics_file.flush()
-            bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items()))
+            if metrics:
+                last_eval = {"step": step, **metrics}
+                history["eval"].append(last_eval)
+                metrics_file.write(json.dumps(last_eval) + "\n")
+                metrics_file.flush()
+                bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items()))
             tick = time.perf_counter()  # evaluation time is not training throughput
         if (config.save_every and step % config.save_every == 0) or step == end:
             save_training_checkpoint(task.model, run_dir / "checkpoints" / f"step_{step:08d}", optimizer,
