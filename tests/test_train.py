@@ -104,3 +104,22 @@ def test_fp16_without_gpu_is_refused(tmp_path):
         pytest.skip("a GPU is present")
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         run(tiny_config(tmp_path, "train.precision=fp16", "train.steps=1"))
+
+
+def test_augmented_batches_are_deterministic_crops(tmp_path):
+    from vlfm.train.contrastive import ContrastiveTask
+
+    plain = ContrastiveTask(tiny_config(tmp_path, "data.eval_size=0", "data.classify_size=0"), torch.device("cpu"))
+    augmented = ContrastiveTask(tiny_config(tmp_path, "data.augment=true", "data.eval_size=0", "data.classify_size=0"),
+                                torch.device("cpu"))
+    a, b = augmented.batch(3, 0), augmented.batch(3, 0)
+    assert torch.equal(a["images"], b["images"]) and a["images"].shape == (32, 3, 32, 32)
+    p = plain.batch(3, 0)
+    assert torch.equal(p["input_ids"], a["input_ids"])  # same samples and captions, only the pixels differ
+    assert not torch.equal(p["images"], a["images"])
+
+
+def test_training_state_records_the_data_position(trained_run):
+    state = json.loads((trained_run / "checkpoints" / "step_00000006" / "train_state.json").read_text())
+    assert state["step"] == 6 and state["samples_seen"] == 6 * 32
+    assert len(state["torch_rng"]) > 100 and state["optimizer_param_groups"][0]["betas"] == [0.9, 0.98]

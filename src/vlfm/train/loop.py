@@ -157,7 +157,8 @@ def train(task: Task, config: TrainConfig, run_dir: Path, resume: bool = False, 
             tick = time.perf_counter()  # evaluation time is not training throughput
         if (config.save_every and step % config.save_every == 0) or step == end:
             save_training_checkpoint(task.model, run_dir / "checkpoints" / f"step_{step:08d}", optimizer,
-                                     {"step": step, "history": history})
+                                     {"step": step, "samples_seen": step * config.grad_accum * task.batch_size(),
+                                      "history": history})
             prune_checkpoints(run_dir / "checkpoints", keep=2)
     bar.close()
     metrics_file.close()
