@@ -305,14 +305,14 @@ def _scene_rng(scene: Scene, salt: int) -> np.random.Generator:
     return np.random.default_rng([salt, scene.background % 2**32, len(scene.objects), *coords])
 
 
-def _a(phrase: str) -> str:
+def with_article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
 def _counted(names: list[str], singular, plural) -> str:
     """"a red shape and two blue shapes": each distinct name once, in first-seen order, with its count."""
     counts = {name: names.count(name) for name in names}
-    return _join([_a(singular(n)) if k == 1 else f"{NUMBERS[k]} {plural(n)}" for n, k in counts.items()])
+    return _join([with_article(singular(n)) if k == 1 else f"{NUMBERS[k]} {plural(n)}" for n, k in counts.items()])
 
 
 def _join(items: list[str]) -> str:
@@ -341,7 +341,7 @@ def captions(scene: Scene, rng: np.random.Generator | None = None) -> list[str]:
     objs = sorted(scene.objects, key=lambda o: (o.x, o.y))
     name = (lambda o: o.shape) if scene.grey else (lambda o: o.label)
     full = [f"a {o.size} {name(o)}" for o in objs]
-    plain = [_a(name(o)) for o in objs]
+    plain = [with_article(name(o)) for o in objs]
     if len(objs) == 2:
         first = f"{full[0]} {_relation(objs[0], objs[1])} {full[1]}"
     else:
@@ -414,7 +414,7 @@ def questions(
     for s in sorted(set(shapes)) + [absent_s[rng.integers(len(absent_s))]] * bool(absent_s):
         qa.append((f"how many {PLURALS[s]} are there?", NUMBERS[shapes.count(s)]))
     # Existence: one 'yes', and a plausible 'no' that shares the colour or the shape of a present object.
-    qa.append((f"is there {_a(objs[rng.integers(len(objs))].label)}?", "yes"))
+    qa.append((f"is there {with_article(objs[rng.integers(len(objs))].label)}?", "yes"))
     present, avoid = {o.label for o in objs}, set(avoid)
     near = [
         t
@@ -422,7 +422,7 @@ def questions(
         if t not in present and t not in avoid and set(t.split()) & set(colours + shapes)
     ]
     if near:
-        qa.append((f"is there {_a(near[rng.integers(len(near))])}?", "no"))
+        qa.append((f"is there {with_article(near[rng.integers(len(near))])}?", "no"))
     # Relations between pairs, only when the offset along that axis is clear; random order balances yes/no.
     for i in range(len(objs)):
         for j in range(i + 1, len(objs)):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vlfm.data.shapes import ALL_LABELS, ShapesWorld, WorldConfig, captions, render_many
+from vlfm.data.shapes import ALL_LABELS, ShapesWorld, WorldConfig, captions, render_many, with_article
 from vlfm.data.transforms import to_uint8_tensor
 from vlfm.eval.retrieval import retrieval
 from vlfm.eval.zeroshot import zeroshot_classification
@@ -21,9 +21,6 @@ from vlfm.eval.zeroshot import zeroshot_classification
 # own captions use. The first alone is the single-template baseline the ensemble is compared with.
 TEMPLATES = ["{}", "a photo of {}", "a picture of {}", "an image of {}", "there is {}"]
 
-
-def with_article(label: str) -> str:
-    return ("an " if label[0] in "aeiou" else "a ") + label
 
 
 class WorldBenchmark:

@@ -6,6 +6,7 @@ import logging
 import random
 
 import torch
+from PIL import Image
 
 from vlfm.config import ConfigError, RunConfig
 from vlfm.data.shapes import ShapesWorld, captions, render_many
@@ -113,7 +114,5 @@ class ContrastiveTask:
         return self.benchmark.evaluate(self.model) if self.benchmark else {}
 
 
-def _to_pil(pixels: torch.Tensor):
-    from PIL import Image
-
+def _to_pil(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray(pixels.permute(1, 2, 0).numpy())
