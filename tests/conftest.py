@@ -1,9 +1,14 @@
+import json
+
 import pytest
 import torch
+from tokenizers.pre_tokenizers import ByteLevel
 
 from vlfm.config import load_config
 
 torch.set_num_threads(2)
+
+CLIP_WORDS = ["a", "photo", "of", "the", "cat", "dog", "red", "circle", "it", "is", "and", "blue", "square"]
 
 TINY = [
     "model.embed_dim=32",
@@ -29,3 +34,23 @@ def trained_run(tmp_path_factory):
     config = tiny_config(tmp)
     run(config)
     return config.run_dir
+
+
+def write_clip_files(directory):
+    """A byte-level vocabulary (every byte, alone and word-final) plus merges that spell CLIP_WORDS."""
+    alphabet = sorted(ByteLevel.alphabet())
+    tokens = alphabet + [char + "</w>" for char in alphabet]
+    merges: list[tuple[str, str]] = []
+    for word in CLIP_WORDS:
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:  # merge left to right: "p h o t o</w>" -> "ph o t o</w>" -> ...
+            pair = (parts[0], parts[1])
+            parts = [parts[0] + parts[1], *parts[2:]]
+            if pair not in merges:
+                merges.append(pair)
+                tokens.append(parts[0])
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    (directory / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(tokens)}))
+    lines = ["#version: 0.2", *(f"{left} {right}" for left, right in merges)]
+    (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return directory / "vocab.json", directory / "merges.txt"

@@ -17,7 +17,7 @@ def test_save_load_round_trip(trained_run, tmp_path):
     assert torch.equal(model.encode_image(images), again.encode_image(images))
     assert torch.equal(model.encode_text(ids, mask), again.encode_text(ids, mask))
     assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == [
-        "config.json", "model.safetensors", "preprocess.json", "tokenizer.json"]
+        "config.json", "model.safetensors", "preprocess.json", "tokenizer.json", "tokenizer_config.json"]
 
 
 def test_missing_weights_is_an_error(trained_run, tmp_path):

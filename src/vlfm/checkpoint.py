@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlfm.config import ModelConfig, from_dict, to_dict
+from vlfm.config import ModelConfig, TextConfig, from_dict, to_dict
 
-ARCHITECTURE = "vlfm.TwoTowerModel"
+ARCHITECTURES = {"vlfm.TwoTowerModel": ModelConfig, "vlfm.TextEncoder": TextConfig}
 FORMAT_VERSION = 1
 
 
@@ -49,14 +49,14 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
 
 
 def write_model_files(model, directory: Path) -> None:
-    (directory / "config.json").write_text(
-        json.dumps({"architecture": ARCHITECTURE, "format_version": FORMAT_VERSION, "model": to_dict(model.config)}, indent=2)
-    )
+    meta = {"architecture": model.ARCHITECTURE, "format_version": FORMAT_VERSION, "model": to_dict(model.config)}
+    (directory / "config.json").write_text(json.dumps(meta, indent=2))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     if model.tokenizer is not None:
         model.tokenizer.save(directory / "tokenizer.json")
-    model.preprocess_config.save(directory / "preprocess.json")
+    if hasattr(model, "preprocess_config"):
+        model.preprocess_config.save(directory / "preprocess.json")
 
 
 def save_model(model, path: str | Path) -> Path:
@@ -66,12 +66,12 @@ def save_model(model, path: str | Path) -> Path:
 
 
 def resolve(path: str | Path) -> Path:
-    """A model directory from a checkpoint directory, or a run directory (its final model, else its latest
-    training checkpoint)."""
+    """A model directory from a checkpoint directory (vlfm, Hugging Face or open_clip), or a run directory (its
+    final model, else its latest training checkpoint)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{str(path)!r} does not exist")
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() or (path / "open_clip_config.json").is_file() or path.is_file():
         return path
     if (path / "model" / "config.json").is_file():
         return path / "model"
@@ -88,24 +88,32 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load(path: str | Path, device: str | torch.device = "cpu"):
-    """Load a vlfm checkpoint (or run directory) with its tokenizer and preprocessing attached."""
+def load(path: str | Path, device: str | torch.device = "cpu", config: str | Path | None = None):
+    """Load a checkpoint with its tokenizer and preprocessing attached: a vlfm checkpoint or run directory, a
+    Hugging Face CLIP / SigLIP / BERT directory, or open_clip weights (`config`: its model-config JSON)."""
+    from vlfm import convert
     from vlfm.data.tokenizer import Tokenizer
     from vlfm.data.transforms import Preprocess
+    from vlfm.models.text import TextEncoder
     from vlfm.models.two_tower import TwoTowerModel
 
     directory = resolve(path)
+    if convert.detect(directory) != "vlfm":
+        return convert.load_foreign(directory, config).to(device)
     meta = json.loads((directory / "config.json").read_text())
-    if meta.get("architecture") != ARCHITECTURE:
-        found = meta.get("architecture") or meta.get("model_type") or "unknown"
-        raise CheckpointError(f"{directory}/config.json describes architecture {found!r}; vlfm can load {ARCHITECTURE!r}")
+    architecture = meta["architecture"]
+    if architecture not in ARCHITECTURES:
+        raise CheckpointError(f"{directory}/config.json: unknown architecture {architecture!r} (known: {', '.join(ARCHITECTURES)})")
     weights = directory / "model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{directory} has no model.safetensors: the checkpoint has no weights")
-    config = from_dict(ModelConfig, meta["model"], "model.")
-    tokenizer = Tokenizer.load(directory / "tokenizer.json") if (directory / "tokenizer.json").is_file() else None
-    preprocess = Preprocess.load(directory / "preprocess.json") if (directory / "preprocess.json").is_file() else None
-    model = TwoTowerModel(config, tokenizer, preprocess)
+    model_config = from_dict(ARCHITECTURES[architecture], meta["model"], "model.")
+    tokenizer = Tokenizer.from_directory(directory)
+    if architecture == TextEncoder.ARCHITECTURE:
+        model = TextEncoder(model_config, tokenizer)
+    else:
+        preprocess = Preprocess.load(directory / "preprocess.json") if (directory / "preprocess.json").is_file() else None
+        model = TwoTowerModel(model_config, tokenizer, preprocess)
     load_state_strict(model, load_file(str(weights)), str(weights))
     return model.to(device).eval()
 
@@ -116,13 +124,19 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        parts = []
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
-            if items:
-                parts.append(f"{len(items)} {title}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}")
-        raise CheckpointError(f"{source} does not match the model config: " + "; ".join(parts))
+    raise_mismatch(f"{source} does not match the model config", missing, unexpected, shapes)
     model.load_state_dict(state)
+
+
+def raise_mismatch(what: str, missing: list[str], unexpected: list[str], shapes: list[str]) -> None:
+    """One error listing every key that is missing, unexpected or mis-shaped (none: return)."""
+    parts = [
+        f"{len(items)} {title}: {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}"
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes))
+        if items
+    ]
+    if parts:
+        raise CheckpointError(f"{what}: " + "; ".join(parts))
 
 
 # --- training state -------------------------------------------------------------------------------------

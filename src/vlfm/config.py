@@ -36,6 +36,7 @@ class VisionConfig:
     class_token: bool = False
     pre_norm: bool = False  # a LayerNorm before the blocks (CLIP's ln_pre)
     pool: str = "mean"  # cls | mean | map (attention pooling with a learned probe)
+    proj: bool = True  # a Linear (no bias) from width to model.embed_dim; false: width is the embedding (SigLIP)
 
     def __post_init__(self):
         _check_choice("vision.pool", self.pool, ("cls", "mean", "map"))
@@ -60,12 +61,19 @@ class TextConfig:
     act: str = "gelu"
     norm_eps: float = 1e-5
     causal: bool = True  # CLIP: causal mask; SigLIP: bidirectional
-    pool: str = "eos"  # eos (first end-of-text token) | last (last non-padding token) | mean | first
+    # eos: first end-of-text token | last: last non-padding token | mean | first |
+    # argmax: the highest token id (OpenAI CLIP's end token has the highest id; open_clip and old HF configs) |
+    # end: the final position of a sequence padded to the context length (SigLIP's rule, padding included)
+    pool: str = "eos"
     eos_token_id: int = 2
     pad_token_id: int = 0
+    norm: str = "pre"  # pre: pre-norm blocks + final LayerNorm (CLIP) | post: BERT's post-norm, embeddings normed
+    proj: bool = True  # a Linear from width to model.embed_dim; false: width is the embedding
+    proj_bias: bool = False  # SigLIP's text head has a bias
 
     def __post_init__(self):
-        _check_choice("text.pool", self.pool, ("eos", "last", "mean", "first"))
+        _check_choice("text.pool", self.pool, ("eos", "last", "mean", "first", "argmax", "end"))
+        _check_choice("text.norm", self.norm, ("pre", "post"))
         _check_choice("text.act", self.act, ACTIVATIONS)
         if self.width % self.heads:
             raise ConfigError(f"text.width {self.width} is not divisible by text.heads {self.heads}")
@@ -83,6 +91,12 @@ class ModelConfig:
 
     def __post_init__(self):
         _check_choice("model.kind", self.kind, ("clip", "siglip"))
+        for name in ("vision", "text"):
+            tower = getattr(self, name)
+            if not tower.proj and tower.width != self.embed_dim:
+                raise ConfigError(
+                    f"model.{name}.proj=false needs model.{name}.width ({tower.width}) == model.embed_dim ({self.embed_dim})"
+                )
 
 
 @dataclass

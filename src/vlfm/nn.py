@@ -69,26 +69,36 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+    Post-norm (BERT): norm(x + attn(x)), then norm(x + mlp(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str, eps: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, act: str, eps: float, post_norm: bool = False):
         super().__init__()
+        self.post_norm = post_norm
         self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, heads)
         self.norm2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = MLP(width, int(width * mlp_ratio), act)
+        self.mlp = MLP(width, mlp_width(width, mlp_ratio), act)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        if self.post_norm:
+            x = self.norm1(x + self.attn(x, mask, causal))
+            return self.norm2(x + self.mlp(x))
         x = x + self.attn(self.norm1(x), mask, causal)
         return x + self.mlp(self.norm2(x))
+
+
+def mlp_width(width: int, mlp_ratio: float) -> int:
+    """Hidden width of the MLP; rounded, so a ratio read from a checkpoint (e.g. 37/32) gives back 37."""
+    return round(width * mlp_ratio)
 
 
 class Transformer(nn.Module):
     """A stack of blocks with an optional gradient-checkpointing switch (recompute activations in backward)."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, act: str, eps: float):
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, act: str, eps: float, post_norm: bool = False):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, eps) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, eps, post_norm) for _ in range(layers))
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:

@@ -1,11 +1,14 @@
-"""A tokenizer backed by the `tokenizers` library: train a byte-level BPE on captions, or load tokenizer.json.
+"""A tokenizer backed by the `tokenizers` library: train a byte-level BPE on captions, or load tokenizer.json
+(or a Hugging Face directory's vocab.json + merges.txt / vocab.txt).
 
-Every sequence is `<bos> tokens <eos>`, truncated so that <eos> survives, and right-padded with <pad> to the
-context length; the model pools at <eos> (CLIP) or at the last real token (SigLIP).
+Every sequence is `<bos> tokens <eos>` (or the loaded tokenizer's own template, e.g. BERT's `[CLS] ... [SEP]`),
+truncated so that the end token survives, and right-padded to the longest text or to the context length.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,12 +19,15 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
 
+log = logging.getLogger("vlfm")
+
+
 class Tokenizer:
-    def __init__(self, backend: HFTokenizer, pad_token: str = "<pad>", eos_token: str = "<eos>"):
+    def __init__(self, backend: HFTokenizer, pad_token: str = "<pad>", eos_token: str | None = "<eos>"):
         self.backend = backend
         self.pad_token, self.eos_token = pad_token, eos_token
         self.pad_id = self._id(pad_token)
-        self.eos_id = self._id(eos_token)
+        self.eos_id = self._id(eos_token) if eos_token is not None else None
 
     def _id(self, token: str) -> int:
         index = self.backend.token_to_id(token)
@@ -50,24 +56,60 @@ class Tokenizer:
         return cls(backend)
 
     @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
+    def load(cls, path: str | Path, pad_token: str = "<pad>", eos_token: str | None = "<eos>") -> Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {str(path)!r} does not exist")
-        return cls(HFTokenizer.from_file(str(path)))
+        return cls(HFTokenizer.from_file(str(path)), pad_token, eos_token)
+
+    @classmethod
+    def from_directory(cls, directory: str | Path) -> Tokenizer | None:
+        """A Hugging Face / open_clip model directory's tokenizer: tokenizer.json, else CLIP's vocab.json +
+        merges.txt, else BERT's vocab.txt; special tokens from tokenizer_config.json / special_tokens_map.json.
+        None (and a warning) when the directory has none of them."""
+        from vlfm.data import hf_tokenizers
+
+        directory = Path(directory)
+        special = _special_tokens(directory)
+        if (directory / "tokenizer.json").is_file():
+            backend = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+            if backend.token_to_id("<pad>") is not None:  # one of vlfm's own
+                special = {"pad_token": "<pad>", "eos_token": "<eos>", **special}
+        elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+            backend = hf_tokenizers.clip_bpe(directory / "vocab.json", directory / "merges.txt")
+            special = {"pad_token": "<|endoftext|>", "eos_token": "<|endoftext|>", **special}
+        elif (directory / "vocab.txt").is_file():
+            backend = hf_tokenizers.bert_wordpiece(directory / "vocab.txt", lowercase=special.get("do_lower_case", True))
+            special = {"pad_token": "[PAD]", "eos_token": "[SEP]", **special}
+        else:
+            log.warning("%s has no tokenizer (tokenizer.json, vocab.json + merges.txt or vocab.txt): "
+                        "images can be embedded, texts cannot until one is provided", directory)
+            return None
+        pad = special.get("pad_token") or special.get("eos_token")
+        eos = special.get("eos_token") or special.get("sep_token")
+        if pad is None:
+            raise ValueError(f"{directory}: the tokenizer names no pad token (tokenizer_config.json 'pad_token')")
+        return cls(backend, pad, eos)
 
     def save(self, path: str | Path) -> None:
         self.backend.save(str(path))
+        config = {"pad_token": self.pad_token, "eos_token": self.eos_token}
+        Path(path).with_name("tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size()
 
-    def __call__(self, texts: str | list[str], context_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and attention mask, both (B, context_length) int64."""
+    def __call__(
+        self, texts: str | list[str], context_length: int, pad_to_context: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask, both (B, L) int64: L is the context length, or the longest text in
+        the batch when pad_to_context is false."""
         if isinstance(texts, str):
             texts = [texts]
         encodings = self.backend.encode_batch(list(texts))
+        if not pad_to_context:
+            context_length = min(context_length, max((len(e.ids) for e in encodings), default=1))
         ids = torch.full((len(encodings), context_length), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, encoding in enumerate(encodings):
@@ -82,3 +124,17 @@ class Tokenizer:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return self.backend.decode(ids, skip_special_tokens=True).strip()
+
+
+def _special_tokens(directory: Path) -> dict:
+    """Special-token names (and do_lower_case) from tokenizer_config.json, then special_tokens_map.json."""
+    found: dict = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = directory / name
+        if path.is_file():
+            for key, value in json.loads(path.read_text()).items():
+                if isinstance(value, dict) and "content" in value:
+                    value = value["content"]
+                if key.endswith("_token") and isinstance(value, str) or key == "do_lower_case":
+                    found[key] = value
+    return found

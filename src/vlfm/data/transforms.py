@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
 
 
 @dataclass
@@ -40,8 +40,8 @@ class Preprocess:
         if self.resize_mode == "squash":
             return image.resize((size, size), method)
         w, h = image.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        # The long side is truncated, as transformers' and torchvision's resize do (parity with their weights).
+        nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
         if (nw, nh) != (w, h):
             image = image.resize((nw, nh), method)
         left, top = (nw - size) // 2, (nh - size) // 2

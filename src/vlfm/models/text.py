@@ -1,9 +1,15 @@
-"""Text transformer: token + position embeddings -> blocks (causal for CLIP, bidirectional for SigLIP) ->
-final norm -> pool (eos | last | mean | first) -> projection. Padding is excluded through the attention mask."""
+"""Text transformer: token + position embeddings -> blocks (causal for CLIP, bidirectional for SigLIP and BERT)
+-> final norm -> pool (eos | last | mean | first | argmax | end) -> projection. Padding is excluded through the attention
+mask, except under SigLIP's `end` pooling, where every text is padded to the context length and the padding is
+part of the input (as the original weights were trained).
+
+`TextEncoder` is a text tower on its own (e.g. a BERT / MiniLM sentence encoder), with its tokenizer attached.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlfm.config import TextConfig
@@ -14,11 +20,13 @@ class TextTransformer(nn.Module):
     def __init__(self, config: TextConfig, output_dim: int | None = None):
         super().__init__()
         self.config = c = config
+        post = c.norm == "post"
         self.token_embed = nn.Embedding(c.vocab_size, c.width)
         self.pos_embed = nn.Parameter(torch.randn(1, c.context_length, c.width) * 0.01)
-        self.transformer = Transformer(c.width, c.layers, c.heads, c.mlp_ratio, c.act, c.norm_eps)
-        self.norm = nn.LayerNorm(c.width, eps=c.norm_eps)
-        self.proj = nn.Linear(c.width, output_dim, bias=False) if output_dim else None
+        self.norm_embed = nn.LayerNorm(c.width, eps=c.norm_eps) if post else None  # BERT normalises embeddings
+        self.transformer = Transformer(c.width, c.layers, c.heads, c.mlp_ratio, c.act, c.norm_eps, post_norm=post)
+        self.norm = None if post else nn.LayerNorm(c.width, eps=c.norm_eps)  # post-norm blocks end normalised
+        self.proj = nn.Linear(c.width, output_dim, bias=c.proj_bias) if output_dim and c.proj else None
         nn.init.normal_(self.token_embed.weight, std=0.02)
         init_transformer(self.transformer, c.layers)
 
@@ -28,19 +36,26 @@ class TextTransformer(nn.Module):
         if n > self.config.context_length:
             raise ValueError(f"{n} tokens exceed the text context length {self.config.context_length}")
         x = self.token_embed(input_ids) + self.pos_embed[:, :n].to(self.token_embed.weight.dtype)
+        if self.norm_embed is not None:
+            x = self.norm_embed(x)
         mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and self.config.pool != "end" and not bool(attention_mask.all()):
             right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
             # Causal + right padding: real tokens never see the padding after them, and padded positions are
             # never pooled, so the mask can be dropped and SDPA keeps its fast causal kernel.
             if not (self.config.causal and right_padded):
                 mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): keys a query may attend to
-        return self.norm(self.transformer(x, mask, causal=self.config.causal))
+        x = self.transformer(x, mask, causal=self.config.causal)
+        return self.norm(x) if self.norm is not None else x
 
     def pool(self, tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         pool, rows = self.config.pool, torch.arange(tokens.shape[0], device=tokens.device)
         if pool == "first":
             return tokens[:, 0]
+        if pool == "end":
+            return tokens[:, -1]
+        if pool == "argmax":
+            return tokens[rows, input_ids.argmax(dim=1)]
         if pool == "eos":
             is_eos = input_ids == self.config.eos_token_id
             if not bool(is_eos.any(dim=1).all()):
@@ -57,3 +72,54 @@ class TextTransformer(nn.Module):
         tokens = self.forward_tokens(input_ids, attention_mask)
         pooled = self.pool(tokens, input_ids, attention_mask)
         return self.proj(pooled) if self.proj is not None else pooled
+
+
+class TextEmbedding:
+    """Raw text in, embeddings out: for any model with a `text` tower, a `tokenizer` and a `device`."""
+
+    text: TextTransformer
+
+    def tokenize(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tokenizer is None:
+            raise RuntimeError(
+                "this model has no tokenizer attached: its directory had no tokenizer.json (or vocab files); "
+                "copy the tokenizer files of the original model beside the weights"
+            )
+        c = self.text.config
+        return self.tokenizer(texts, c.context_length, pad_to_context=c.pool == "end")
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.text(input_ids, attention_mask)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """Normalised text embeddings (N, dim), computed in batches."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            ids, mask = self.tokenize(texts[start : start + batch_size])
+            out.append(F.normalize(self.encode_text(ids.to(self.device), mask.to(self.device)).float(), dim=-1))
+        return torch.cat(out)
+
+
+class TextEncoder(TextEmbedding, nn.Module):
+    """A text tower alone (a sentence encoder such as MiniLM), e.g. the locked text side of a LiT model."""
+
+    ARCHITECTURE = "vlfm.TextEncoder"
+
+    def __init__(self, config: TextConfig, tokenizer=None):
+        super().__init__()
+        self.config = config
+        self.text = TextTransformer(config)
+        self.tokenizer = tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.text.token_embed.weight.device
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.text(input_ids, attention_mask)
+
+    def save(self, path):
+        from vlfm.checkpoint import save_model
+
+        return save_model(self, path)

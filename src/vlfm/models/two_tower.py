@@ -18,11 +18,13 @@ from torch import nn
 from vlfm.config import ModelConfig
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess
-from vlfm.models.text import TextTransformer
+from vlfm.models.text import TextEmbedding, TextTransformer
 from vlfm.models.vit import VisionTransformer
 
 
-class TwoTowerModel(nn.Module):
+class TwoTowerModel(TextEmbedding, nn.Module):
+    ARCHITECTURE = "vlfm.TwoTowerModel"
+
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None, preprocess: Preprocess | None = None):
         super().__init__()
         self.config = config
@@ -44,9 +46,6 @@ class TwoTowerModel(nn.Module):
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.visual(pixels)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.text(input_ids, attention_mask)
-
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """Normalised image and text features (B, embed_dim) each, the logit scale exp(t') and the bias."""
         image = F.normalize(self.encode_image(pixels), dim=-1)
@@ -67,22 +66,8 @@ class TwoTowerModel(nn.Module):
     def device(self) -> torch.device:
         return self.logit_scale.device
 
-    def tokenize(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.tokenizer is None:
-            raise RuntimeError("this model has no tokenizer attached (load it from a checkpoint with tokenizer.json)")
-        return self.tokenizer(texts, self.config.text.context_length)
-
     def preprocess(self, images: Image.Image | list[Image.Image]) -> torch.Tensor:
         return self.preprocess_config(images)
-
-    @torch.no_grad()
-    def embed_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """Normalised text embeddings (N, embed_dim), computed in batches."""
-        out = []
-        for start in range(0, len(texts), batch_size):
-            ids, mask = self.tokenize(texts[start : start + batch_size])
-            out.append(F.normalize(self.encode_text(ids.to(self.device), mask.to(self.device)).float(), dim=-1))
-        return torch.cat(out)
 
     @torch.no_grad()
     def embed_images(self, images: list[Image.Image] | torch.Tensor, batch_size: int = 256) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from vlfm.config import VisionConfig
-from vlfm.nn import MLP, Attention, Transformer, init_transformer
+from vlfm.nn import MLP, Attention, Transformer, init_transformer, mlp_width
 
 
 class ConvStem(nn.Module):
@@ -41,7 +41,7 @@ class AttentionPool(nn.Module):
         self.probe = nn.Parameter(torch.randn(1, 1, width) * 0.02)
         self.attn = Attention(width, heads)
         self.norm = nn.LayerNorm(width, eps=eps)
-        self.mlp = MLP(width, int(width * mlp_ratio), act)
+        self.mlp = MLP(width, mlp_width(width, mlp_ratio), act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The probe is the query; tokens are keys and values. Attention's q/k/v all read its input, so the
@@ -74,7 +74,7 @@ class VisionTransformer(nn.Module):
         self.transformer = Transformer(c.width, c.layers, c.heads, c.mlp_ratio, c.act, c.norm_eps)
         self.norm = nn.LayerNorm(c.width, eps=c.norm_eps)
         self.head = AttentionPool(c.width, c.heads, c.mlp_ratio, c.act, c.norm_eps) if c.pool == "map" else None
-        self.proj = nn.Linear(c.width, output_dim, bias=False) if output_dim else None
+        self.proj = nn.Linear(c.width, output_dim, bias=False) if output_dim and c.proj else None
         init_transformer(self.transformer, c.layers)
 
     def forward_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
