@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from tokenizers.pre_tokenizers import ByteLevel
 from vlfm.config import load_config
 
 torch.set_num_threads(2)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub; everything is built or shipped locally
 
 CLIP_WORDS = ["a", "photo", "of", "the", "cat", "dog", "red", "circle", "it", "is", "and", "blue", "square"]
 

@@ -25,6 +25,8 @@ log = logging.getLogger("vlfm")
 class Tokenizer:
     def __init__(self, backend: HFTokenizer, pad_token: str = "<pad>", eos_token: str | None = "<eos>"):
         self.backend = backend
+        backend.no_padding()  # padding and truncation are done here (a loaded tokenizer.json may carry its own)
+        backend.no_truncation()
         self.pad_token, self.eos_token = pad_token, eos_token
         self.pad_id = self._id(pad_token)
         self.eos_id = self._id(eos_token) if eos_token is not None else None
