@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN_NAME := demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo demo-siglip test test-all bench lint clean
+.PHONY: setup demo demo-siglip test test-all bench parity-open-clip lint clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +45,9 @@ $(BENCH_VENV)/.installed: pyproject.toml
 
 bench: $(BENCH_VENV)/.installed  ## vlfm vs open_clip training samples/s (flags: BENCH_ARGS="--steps 5")
 	$(BENCH_VENV)/bin/python bench/train_step.py $(BENCH_ARGS)
+
+parity-open-clip: $(BENCH_VENV)/.installed  ## open_clip's own ViT-B models (random weights) loaded by vlfm: feature differences
+	$(BENCH_VENV)/bin/python bench/open_clip_parity.py
 
 lint: setup
 	$(BIN)/ruff check src tests bench

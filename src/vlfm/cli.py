@@ -1,4 +1,4 @@
-"""`vlfm` command line: train | eval | classify | embed | info.
+"""`vlfm` command line: train | eval | classify | embed | info | convert.
 
 Errors a user can fix (bad config key, missing file, non-image, checkpoint without weights) print one line
 and exit with code 2; anything else is a bug and keeps its traceback.
@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a checkpoint: architecture, sizes, files")
     p.add_argument("checkpoint")
+
+    p = sub.add_parser("convert", help="convert a checkpoint: vlfm / Hugging Face / open_clip -> vlfm or Hugging Face")
+    p.add_argument("checkpoint", help="vlfm run or checkpoint, Hugging Face CLIP/SigLIP/BERT directory, or open_clip weights")
+    p.add_argument("out", help="output directory (written atomically)")
+    p.add_argument("--to", choices=("hf", "vlfm"), required=True,
+                   help="hf: a directory transformers' CLIPModel / SiglipModel loads; vlfm: vlfm's own format")
+    p.add_argument("--config", help="open_clip only: the model-config JSON (e.g. ViT-B-32.json) if not beside the weights")
     return parser
 
 
@@ -91,7 +98,7 @@ def cmd_eval(args) -> None:
     from vlfm.train import write_eval
 
     path = Path(args.checkpoint)
-    model = vlfm.load(path)
+    model = two_tower(vlfm.load(path), "eval")
     run_config = path / "config.yaml"
     if run_config.is_file():  # a run directory: evaluate on the world it trained on
         world = from_dict(RunConfig, yaml.safe_load(run_config.read_text())).data.world
@@ -124,7 +131,7 @@ def cmd_classify(args) -> None:
     if templates and any("{}" not in t for t in templates):
         raise UsageError("every template needs a {} where the label goes")
     images = [open_image(p) for p in args.images]
-    model = vlfm.load(args.checkpoint)
+    model = two_tower(vlfm.load(args.checkpoint), "classify")
     probabilities = model.classify(images, labels, templates)
     width = max(len(label) for label in labels)
     for path, row in zip(args.images, probabilities):
@@ -149,6 +156,7 @@ def cmd_embed(args) -> None:
             raise UsageError(f"{text_file} has no non-empty lines")
         embeddings = model.embed_texts(rows, args.batch_size)
     else:
+        two_tower(model, "embed --images")
         folder = Path(args.images)
         if not folder.is_dir():
             raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
@@ -175,22 +183,45 @@ def cmd_info(args) -> None:
     import vlfm
     from vlfm.checkpoint import resolve
     from vlfm.config import to_dict
+    from vlfm.convert import detect
 
     directory = resolve(args.checkpoint)
     model = vlfm.load(directory)
-    c = model.config
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    print(f"checkpoint: {directory}")
-    print(f"kind: {c.kind}  embed_dim: {c.embed_dim}  parameters: {count(model) / 1e6:.2f}M")
-    print(f"vision: {c.vision.image_size}px patch {c.vision.patch_size} width {c.vision.width} x {c.vision.layers} layers, "
-          f"stem {c.vision.stem}, pool {c.vision.pool} ({count(model.visual) / 1e6:.2f}M)")
-    print(f"text: context {c.text.context_length} width {c.text.width} x {c.text.layers} layers, "
-          f"{'causal' if c.text.causal else 'bidirectional'}, pool {c.text.pool} ({count(model.text) / 1e6:.2f}M)")
-    print(f"tokenizer: {model.tokenizer.vocab_size if model.tokenizer else 'none'} tokens; preprocess: {to_dict(model.preprocess_config)}")
-    print("files: " + ", ".join(sorted(p.name for p in directory.iterdir())))
+    print(f"checkpoint: {directory} (layout: {detect(directory)})")
+    t = model.text.config
+    if hasattr(model, "visual"):
+        c, v = model.config, model.config.vision
+        print(f"kind: {c.kind}  embed_dim: {c.embed_dim}  parameters: {count(model) / 1e6:.2f}M")
+        print(f"vision: {v.image_size}px patch {v.patch_size} width {v.width} x {v.layers} layers, "
+              f"stem {v.stem}, pool {v.pool} ({count(model.visual) / 1e6:.2f}M)")
+    else:
+        print(f"kind: text encoder  parameters: {count(model) / 1e6:.2f}M")
+    print(f"text: context {t.context_length} width {t.width} x {t.layers} layers, {t.norm}-norm, "
+          f"{'causal' if t.causal else 'bidirectional'}, pool {t.pool} ({count(model.text) / 1e6:.2f}M)")
+    preprocess = f"; preprocess: {to_dict(model.preprocess_config)}" if hasattr(model, "preprocess_config") else ""
+    print(f"tokenizer: {model.tokenizer.vocab_size if model.tokenizer else 'none'} tokens{preprocess}")
+    print("files: " + ", ".join(sorted(p.name for p in directory.iterdir())) if directory.is_dir() else f"file: {directory}")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "classify": cmd_classify, "embed": cmd_embed, "info": cmd_info}
+def cmd_convert(args) -> None:
+    import vlfm
+    from vlfm.convert import export_hf
+
+    model = vlfm.load(args.checkpoint, config=args.config)
+    out = export_hf(model, args.out) if args.to == "hf" else model.save(args.out)
+    print(f"wrote {args.to} checkpoint {out}")
+
+
+def two_tower(model, command: str):
+    """The loaded model, if it has both towers (a text encoder alone cannot see images)."""
+    if not hasattr(model, "visual"):
+        raise UsageError(f"{command} needs an image-text model; this checkpoint is a {type(model).__name__} (text only)")
+    return model
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "classify": cmd_classify, "embed": cmd_embed, "info": cmd_info,
+            "convert": cmd_convert}
 
 if __name__ == "__main__":
     sys.exit(main())

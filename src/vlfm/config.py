@@ -88,6 +88,10 @@ class ModelConfig:
     logit_scale_init: float | None = None  # log of the temperature's inverse; None: the kind's default
     logit_bias_init: float | None = None  # SigLIP only; None: -10
     max_logit_scale: float = 4.6052  # ln(100), CLIP's clamp
+    # A pretrained text tower to start from (any checkpoint vlfm.load reads: vlfm, HF CLIP/SigLIP/BERT, open_clip;
+    # `python:PACKAGE/DIR` names a directory inside an installed package). Its text config and tokenizer replace
+    # model.text and the trained tokenizer.
+    text_init: str | None = None
 
     def __post_init__(self):
         _check_choice("model.kind", self.kind, ("clip", "siglip"))
@@ -134,6 +138,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     multi_positive: bool = True  # identical captions in a batch are positives of each other
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
+    lock_text: bool = False  # LiT: the text tower (from model.text_init) stays frozen; only the image side learns
 
     def __post_init__(self):
         _check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))

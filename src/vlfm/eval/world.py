@@ -2,7 +2,9 @@
 training, and text<->image retrieval over held-out scenes.
 
 Zero-shot sets are single-object scenes classified among all 30 "colour shape" labels, so a held-out "red
-circle" must beat the seen "red square" and "blue circle". Retrieval queries are each scene's canonical
+circle" must beat the seen "red square" and "blue circle". The `zeroshot_unseen_*` metrics classify every
+single-object scene (seen and held-out combinations) with words the world's captions never use: synonyms for
+the colours or shapes, and prompt openings no caption has. Retrieval queries are each scene's canonical
 caption; every scene that carries that caption is a positive (`t2i_r1`), and `*_strict` counts only the scene
 the caption was written for.
 """
@@ -21,6 +23,16 @@ from vlfm.eval.zeroshot import zeroshot_classification
 # own captions use. The first alone is the single-template baseline the ensemble is compared with.
 TEMPLATES = ["{}", "a photo of {}", "a picture of {}", "an image of {}", "there is {}"]
 
+# Words that never occur in the world's captions (tests/test_eval.py checks this): one common synonym for each
+# colour and shape, and prompt openings no caption uses. A tokenizer trained on the captions cannot read them; a
+# pretrained text tower (the LiT preset) can.
+SYNONYMS = {
+    "red": "crimson", "green": "emerald", "blue": "azure", "yellow": "golden", "purple": "violet",
+    "orange": "tangerine", "circle": "ball", "square": "box", "triangle": "pyramid", "star": "pentagram",
+    "cross": "plus sign",
+}  # fmt: skip
+UNSEEN_TEMPLATES = ["an illustration of {}", "a rendering of {}", "a painting of {}", "a cartoon of {}", "a sketch of {}"]
+
 
 
 class WorldBenchmark:
@@ -36,6 +48,8 @@ class WorldBenchmark:
             pixels = to_uint8_tensor([world.render(s) for s in scenes])
             targets = torch.tensor([self.labels.index(s.objects[0].label) for s in scenes])
             self.sets[name] = (pixels, targets)
+        if self.sets:  # every single-object scene, for the unseen-words metrics
+            self.single = tuple(torch.cat(parts) for parts in zip(*self.sets.values()))
         self.retrieval_images = torch.empty(0)
         if retrieval_size:
             images, scenes = render_many(world, "val", retrieval_size, workers=workers)
@@ -57,9 +71,30 @@ class WorldBenchmark:
             if name == "heldout":
                 single = zeroshot_classification(model, normalize(pixels), targets, self.classnames, templates[:1])
                 out["zeroshot_top1_single_template"] = single["top1"]
+        if self.sets:
+            out.update(self.unseen_words(model))
         if len(self.retrieval_images):
             pixels = normalize(self.retrieval_images)
             out.update(retrieval(model, pixels, self.queries, self.positives))
             strict = retrieval(model, pixels, self.queries, self.strict, ks=(1, 5))
             out.update({f"{k}_strict": v for k, v in strict.items()})
+        return out
+
+    @torch.no_grad()
+    def unseen_words(self, model) -> dict[str, float]:
+        """Top-1 over the 30 labels with unseen prompt openings; with synonyms for colours, shapes, or both."""
+        pixels, targets = model.preprocess_config.normalize(self.single[0]), self.single[1]
+
+        def renamed(colour: bool, shape: bool) -> list[str]:
+            names = []
+            for label in self.labels:
+                c, s = label.split()
+                names.append(with_article(f"{SYNONYMS[c] if colour else c} {SYNONYMS[s] if shape else s}"))
+            return names
+
+        out = {}
+        for name, (colour, shape) in {"templates": (False, False), "colours": (True, False), "shapes": (False, True),
+                                      "words": (True, True)}.items():  # fmt: skip
+            metrics = zeroshot_classification(model, pixels, targets, renamed(colour, shape), UNSEEN_TEMPLATES)
+            out[f"zeroshot_unseen_{name}_top1"] = metrics["top1"]
         return out
