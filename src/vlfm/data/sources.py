@@ -36,6 +36,29 @@ class ImageTextData:
         return len(self.captions)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files in a folder, sorted by name (by suffix; whether they decode is found out when read)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ValueError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return paths
+
+
+def decode_rgb(path: str | Path) -> Image.Image | None:
+    """The image as RGB, or None when it cannot be decoded (callers count and report those)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+
+
 def read_caption_file(path: str | Path, image_column: str = "filepath", caption_column: str = "caption") -> list[tuple[Path, str]]:
     """(image path, caption) rows; relative image paths are relative to the caption file's folder."""
     path = Path(path)

@@ -1,0 +1,225 @@
+"""Approximate nearest-neighbour search on normalised embeddings (inner product): FAISS HNSW and IVF-PQ against
+exact search by numpy and by FAISS, all measured in one process on the same data, queries and thread count.
+
+Data: a mixture of `--centres` random unit centres with uneven weights (log-normal), each row the centre plus
+Gaussian noise of norm about `--spread` (scaled per cluster by 0.5-1.5x), then L2-normalised (float32); with
+the default spread 0.8 a row's cosine to its centre is about 0.8. The noise is not isotropic: its variance along
+the i-th of a random set of orthogonal directions falls as 1/i**`--decay` (default 1: about 18 effective
+dimensions of 128), since learned embeddings spread over a few dozen directions, and isotropic 128-d noise makes
+all of a cluster's points nearly equidistant, a harder and less realistic case (`--decay 0` gives it). Queries
+are drawn from the same mixture but are not rows of the database.
+
+Measured for every configuration: recall@k (the fraction of the exact top-k found; the exact top-k comes from
+numpy), query throughput over the whole batch of queries (the best of `--repeats` timed rounds; the order of the
+configurations flips every round so that load from other processes hits all alike), and the speed-up over the
+numpy brute force (`Q @ X.T` in chunks of queries, `np.argpartition`, sort). Peers: numpy, FAISS IndexFlatIP
+(exact), IndexHNSWFlat (efSearch sweep), IndexIVFPQ with plain product-code distances and re-ranked with exact
+vectors by IndexRefineFlat (nprobe x k_factor sweep). The last lines name, per family, the fastest configuration
+reaching recall@k >= `--target` and whether it is `--goal` times faster than numpy. The numbers are printed
+only: a speed is never a test assertion.
+
+    .venv/bin/python bench/search.py                  # 100k x 128, 1000 queries, k=10: about 2 minutes on 2 cores
+    .venv/bin/python bench/search.py --n 20000 --ef-construction 64 --repeats 2   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+try:
+    import faiss
+except ImportError:
+    raise SystemExit("bench/search.py needs FAISS: pip install faiss-cpu") from None
+
+
+def make_data(n: int, queries: int, dim: int, centres: int, spread: float, decay: float,
+              seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`n` database rows and `queries` query rows from one clustered mixture, every row of unit norm."""
+    rng = np.random.default_rng(seed)
+    mu = rng.standard_normal((centres, dim)).astype(np.float32)
+    mu /= np.linalg.norm(mu, axis=1, keepdims=True)
+    weights = rng.lognormal(0.0, 1.0, centres)
+    scale = spread * rng.uniform(0.5, 1.5, centres).astype(np.float32)
+    basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0].astype(np.float32)  # random orthogonal directions
+    variance = 1.0 / np.arange(1, dim + 1) ** decay
+    std = np.sqrt(variance / variance.sum()).astype(np.float32)  # E|noise|^2 = 1 before the cluster's scale
+    total = n + queries
+    out = np.empty((total, dim), np.float32)
+    for start in range(0, total, 65536):
+        rows = min(65536, total - start)
+        cluster = rng.choice(centres, rows, p=weights / weights.sum())
+        noise = (rng.standard_normal((rows, dim), dtype=np.float32) * std) @ basis
+        block = mu[cluster] + scale[cluster, None] * noise
+        out[start:start + rows] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    order = rng.permutation(total)  # queries: a random part of the same draw, left out of the database
+    return np.ascontiguousarray(out[order[:n]]), np.ascontiguousarray(out[order[n:]])
+
+
+def numpy_top_k(X: np.ndarray, Q: np.ndarray, k: int, chunk: int = 256) -> np.ndarray:
+    """Exact top-k by inner product, best first: scores for `chunk` queries at a time, argpartition, sort."""
+    out = np.empty((len(Q), k), np.int64)
+    for start in range(0, len(Q), chunk):
+        scores = Q[start:start + chunk] @ X.T
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+        out[start:start + chunk] = np.take_along_axis(top, order, axis=1)
+    return out
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """Fraction of the true top-k ids present in each row of `found` (-1 for a missing result never matches)."""
+    return float((found[:, :, None] == truth[:, None, :]).any(axis=2).sum() / truth.size)
+
+
+def index_mb(index) -> float:
+    return faiss.serialize_index(index).nbytes / 2**20
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=100_000, help="database vectors")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--centres", type=int, default=1000, help="clusters in the mixture")
+    parser.add_argument("--spread", type=float, default=0.8, help="noise norm around a centre, before L2-normalising")
+    parser.add_argument("--decay", type=float, default=1.0, help="noise variance along direction i ~ 1/i**decay")
+    parser.add_argument("--threads", type=int, default=0, help="threads for FAISS and numpy's BLAS; 0: FAISS's default")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds; each configuration's best is kept")
+    parser.add_argument("--hnsw-m", type=int, default=32)
+    parser.add_argument("--ef-construction", type=int, default=100)
+    parser.add_argument("--ef-search", type=ints, default=[16, 32, 64, 128], help="comma-separated sweep")
+    parser.add_argument("--nlist", type=int, default=0, help="IVF lists; 0: 4*sqrt(n) rounded to a power of two")
+    parser.add_argument("--pq-m", type=int, default=16, help="PQ sub-quantizers of 8 bits (must divide dim)")
+    parser.add_argument("--train", type=int, default=0, help="IVF-PQ training sample; 0: 50 per list")
+    parser.add_argument("--nprobe", type=ints, default=[8, 16, 32, 64], help="comma-separated sweep")
+    parser.add_argument("--k-factor", type=ints, default=[4, 10], help="re-ranked candidates per result, sweep")
+    parser.add_argument("--target", type=float, default=0.95, help="recall@k a configuration must reach")
+    parser.add_argument("--goal", type=float, default=10.0, help="speed-up over numpy the project aims for")
+    args = parser.parse_args()
+
+    threads = args.threads or faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    blas = "numpy's BLAS uses its own thread pool (install threadpoolctl to limit it)"
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+
+        # Limits every BLAS and OpenMP pool in the process: numpy's OpenBLAS and FAISS's own OpenBLAS/libgomp.
+        threadpool_limits(limits=threads)
+        pools = [f"{p['internal_api']} {p.get('version') or ''} ({p['num_threads']} threads, {p['filepath'].split('/')[-1]})"
+                 for p in threadpool_info()]  # fmt: skip
+        blas = "thread pools: " + "; ".join(pools)
+    except ImportError:
+        pass
+    nlist = args.nlist or 2 ** round(math.log2(4 * math.sqrt(args.n)))
+    k = args.k
+
+    start = time.perf_counter()
+    X, Q = make_data(args.n, args.queries, args.dim, args.centres, args.spread, args.decay, args.seed)
+    print(f"faiss {faiss.__version__}, numpy {np.__version__}, {threads} threads; {blas}")
+    print(f"data: {args.n:,} x {args.dim} database, {args.queries:,} queries, k={k}, {args.centres} centres, "
+          f"spread {args.spread}, decay {args.decay}, seed {args.seed} ({time.perf_counter() - start:.1f}s)")
+
+    # (family, config, build seconds, index MB, search returning ids)
+    runs: list[tuple[str, str, float, float, Callable[[], np.ndarray]]] = [
+        ("numpy", "exact", 0.0, X.nbytes / 2**20, lambda: numpy_top_k(X, Q, k))]
+
+    start = time.perf_counter()
+    flat = faiss.IndexFlatIP(args.dim)
+    flat.add(X)
+    runs.append(("faiss-flat", "exact", time.perf_counter() - start, index_mb(flat), lambda: flat.search(Q, k)[1]))
+
+    start = time.perf_counter()
+    hnsw = faiss.IndexHNSWFlat(args.dim, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = args.ef_construction
+    hnsw.add(X)
+    hnsw_build = time.perf_counter() - start
+    print(f"hnsw: M={args.hnsw_m}, efConstruction={args.ef_construction}: built in {hnsw_build:.1f}s")
+    hnsw_size = index_mb(hnsw)
+
+    def hnsw_search(ef: int) -> Callable[[], np.ndarray]:
+        def run() -> np.ndarray:
+            hnsw.hnsw.efSearch = ef
+            return hnsw.search(Q, k)[1]
+
+        return run
+
+    for ef in args.ef_search:
+        runs.append(("hnsw", f"M={args.hnsw_m} efSearch={ef}", hnsw_build, hnsw_size, hnsw_search(ef)))
+
+    start = time.perf_counter()
+    quantizer = faiss.IndexFlatIP(args.dim)
+    ivfpq = faiss.IndexIVFPQ(quantizer, args.dim, nlist, args.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+    refine = faiss.IndexRefineFlat(ivfpq)  # adds to both: product codes find candidates, exact vectors re-rank
+    train = min(args.n, args.train or 50 * nlist)
+    sample = X[np.random.default_rng(args.seed + 1).choice(args.n, train, replace=False)]
+    refine.train(sample)
+    trained = time.perf_counter() - start
+    refine.add(X)
+    ivf_build = time.perf_counter() - start
+    print(f"ivfpq: nlist={nlist}, m={args.pq_m}x8 bits, trained on {train:,} in {trained:.1f}s, "
+          f"built in {ivf_build:.1f}s")
+    ivf_size = index_mb(ivfpq)
+    refine_size = index_mb(refine)
+
+    def ivf_search(nprobe: int, k_factor: int) -> Callable[[], np.ndarray]:
+        def run() -> np.ndarray:
+            ivfpq.nprobe = nprobe
+            if not k_factor:
+                return ivfpq.search(Q, k)[1]
+            refine.k_factor = k_factor
+            return refine.search(Q, k)[1]
+
+        return run
+
+    for k_factor in [0, *args.k_factor]:
+        for nprobe in args.nprobe:
+            config = f"nprobe={nprobe}" + (f" refine k_factor={k_factor}" if k_factor else " (PQ distances)")
+            runs.append(("ivfpq", config, ivf_build, refine_size if k_factor else ivf_size,
+                         ivf_search(nprobe, k_factor)))
+
+    truth = runs[0][4]()  # untimed first calls: the numpy peer's ids are the ground truth for every recall
+    recalls = [1.0] + [recall(run(), truth) for *_, run in runs[1:]]
+    best = [math.inf] * len(runs)
+    for r in range(args.repeats):
+        for i in range(len(runs)) if r % 2 == 0 else reversed(range(len(runs))):
+            start = time.perf_counter()
+            runs[i][4]()
+            best[i] = min(best[i], time.perf_counter() - start)
+
+    rows = [{"family": family, "config": config, "build_s": round(build, 2), "size_mb": round(size, 1),
+             f"recall@{k}": round(rec, 4), "qps": round(args.queries / t, 1), "speedup": round(best[0] / t, 2)}
+            for (family, config, build, size, _), rec, t in zip(runs, recalls, best)]
+    print(f"\n{'family':11} {'config':32} {'build s':>8} {'MB':>6} {f'recall@{k}':>9} {'queries/s':>10} {'x numpy':>8}")
+    for row in rows:
+        print(f"{row['family']:11} {row['config']:32} {row['build_s']:>8.1f} {row['size_mb']:>6.1f} "
+              f"{row[f'recall@{k}']:>9.4f} {row['qps']:>10,.0f} {row['speedup']:>8.2f}")
+    print(json.dumps({"bench": "search", "n": args.n, "dim": args.dim, "queries": args.queries, "k": k,
+                      "threads": threads, "seed": args.seed, "rows": rows}))
+    for family in ("hnsw", "ivfpq"):
+        ok = [row for row in rows if row["family"] == family and row[f"recall@{k}"] >= args.target]
+        if not ok:
+            top = max((row for row in rows if row["family"] == family), key=lambda row: row[f"recall@{k}"])
+            print(f"{family}: no configuration reaches recall@{k} >= {args.target} "
+                  f"(best {top[f'recall@{k}']:.4f}: {top['config']}); goal (>= {args.goal:g}x numpy) not met")
+            continue
+        row = max(ok, key=lambda row: row["qps"])
+        verdict = "met" if row["speedup"] >= args.goal else "not met"
+        print(f"{family}: fastest reaching recall@{k} >= {args.target}: {row['config']} "
+              f"(recall {row[f'recall@{k}']:.4f}, {row['qps']:,.0f} queries/s, {row['speedup']:.1f}x numpy); "
+              f"goal (>= {args.goal:g}x numpy) {verdict}")
+
+
+if __name__ == "__main__":
+    main()
