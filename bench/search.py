@@ -1,25 +1,27 @@
-"""Approximate nearest-neighbour search on normalised embeddings (inner product): FAISS HNSW and IVF-PQ against
-exact search by numpy and by FAISS, all measured in one process on the same data, queries and thread count.
+"""Approximate nearest-neighbour search on normalised embeddings (inner product): FAISS HNSW and IVF-PQ
+against exact search by numpy and by FAISS, all measured in one process on the same data, queries and threads.
 
-Data: a mixture of `--centres` random unit centres with uneven weights (log-normal), each row the centre plus
-Gaussian noise of norm about `--spread` (scaled per cluster by 0.5-1.5x), then L2-normalised (float32); with
-the default spread 0.8 a row's cosine to its centre is about 0.8. The noise is not isotropic: its variance along
+Data: a mixture of `--centres` random unit centres with uneven weights (log-normal), each row its centre plus
+Gaussian noise of norm about `--spread` (scaled per cluster by 0.5-1.5x), then L2-normalised (float32); with the
+default spread 0.8 a row's cosine to its centre is about 0.8. The noise is not isotropic: its variance along
 the i-th of a random set of orthogonal directions falls as 1/i**`--decay` (default 1: about 18 effective
-dimensions of 128), since learned embeddings spread over a few dozen directions, and isotropic 128-d noise makes
-all of a cluster's points nearly equidistant, a harder and less realistic case (`--decay 0` gives it). Queries
+dimensions of 128), since learned embeddings spread over a few dozen directions, while isotropic 128-d noise
+makes a cluster's points nearly equidistant, a harder and less realistic case (`--decay 0` gives it). Queries
 are drawn from the same mixture but are not rows of the database.
 
 Measured for every configuration: recall@k (the fraction of the exact top-k found; the exact top-k comes from
-numpy), query throughput over the whole batch of queries (the best of `--repeats` timed rounds; the order of the
-configurations flips every round so that load from other processes hits all alike), and the speed-up over the
+numpy), queries/s over the whole batch of queries (the best of `--repeats` timed rounds; the order of the
+configurations flips every round so that load from other processes hits all alike) and the speed-up over the
 numpy brute force (`Q @ X.T` in chunks of queries, `np.argpartition`, sort). Peers: numpy, FAISS IndexFlatIP
-(exact), IndexHNSWFlat (efSearch sweep), IndexIVFPQ with plain product-code distances and re-ranked with exact
-vectors by IndexRefineFlat (nprobe x k_factor sweep). The last lines name, per family, the fastest configuration
-reaching recall@k >= `--target` and whether it is `--goal` times faster than numpy. The numbers are printed
-only: a speed is never a test assertion.
+(exact), IndexHNSWFlat (efSearch sweep), IndexIVFPQ with plain product-code distances and re-ranked with the
+exact vectors by IndexRefineFlat (nprobe x k_factor sweep). FAISS and numpy's BLAS get `--threads` threads
+(numpy's OpenBLAS keeps its own pool, limited through threadpoolctl when it is installed); np.argpartition
+itself runs on one thread. The last lines name, per family, the fastest configuration reaching recall@k >=
+`--target` and whether it is `--goal` times faster than numpy. The numbers are printed only: a speed is never
+a test assertion.
 
-    .venv/bin/python bench/search.py                  # 100k x 128, 1000 queries, k=10: about 2 minutes on 2 cores
-    .venv/bin/python bench/search.py --n 20000 --ef-construction 64 --repeats 2   # a quick look
+    .venv/bin/python bench/search.py                  # 100k x 128, 1000 queries, k=10: about a minute, 2 cores
+    .venv/bin/python bench/search.py --n 20000 --ef-construction 64 --repeats 2     # a quick look
 """
 
 from __future__ import annotations

@@ -5,16 +5,24 @@ The floors are below what the presets reach here (CLIP: held-out zero-shot 0.70,
 training that breaks. The issue's target of 0.90 on both is not reached yet (see docs/architecture.md).
 """
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
+import vlfm
+from vlfm.cli import main
 from vlfm.config import load_config
+from vlfm.data.shapes import ALL_LABELS, ShapesWorld, with_article
+from vlfm.search import SearchIndex
 from vlfm.train import run
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["shapes-clip", "shapes-siglip", "shapes-lit"])
 def test_preset_learns_the_world(preset, tmp_path):
-    metrics = run(load_config(f"configs/{preset}.yaml", [f"output_dir={tmp_path}"]))
+    config = load_config(f"configs/{preset}.yaml", [f"output_dir={tmp_path}"])
+    metrics = run(config)
     assert metrics["zeroshot_seen_top1"] >= 0.90, metrics  # combinations seen in training
     assert metrics["zeroshot_top1"] >= 0.45, metrics  # combinations never seen in training (chance: 1/30)
     assert metrics["t2i_r1"] >= 0.75, metrics  # 1,000 held-out scenes, any scene carrying the caption counts
@@ -24,3 +32,24 @@ def test_preset_learns_the_world(preset, tmp_path):
         assert metrics["zeroshot_unseen_colours_top1"] >= 0.25, metrics
         assert metrics["zeroshot_unseen_shapes_top1"] >= 0.25, metrics
         assert metrics["zeroshot_unseen_templates_top1"] >= 0.75, metrics
+    if preset == "shapes-clip":
+        # text -> image search over 10,000 held-out scenes: "a red circle" must return scenes with a red circle
+        # (measured: precision@10 1.0 for all 25 seen colour+shape queries)
+        assert search_precision(config, tmp_path / "scenes", 10_000) >= 0.9
+
+
+def search_precision(config, folder: Path, n: int) -> float:
+    world = ShapesWorld(config.data.world)
+    folder.mkdir()
+    scenes = [world.scene("val", i) for i in range(n)]
+    for i, scene in enumerate(scenes):
+        world.render(scene).save(folder / f"{i:05d}.png")
+    assert main(["index", "build", str(config.run_dir), "--images", str(folder), "--out", str(folder / "index")]) == 0
+    labels = [label for label in ALL_LABELS if label in world.seen_labels]
+    queries = vlfm.load(config.run_dir).embed_texts([with_article(label) for label in labels]).numpy()
+    precision = []
+    for label, hits in zip(labels, SearchIndex.open(folder / "index").search(queries, k=10)):
+        colour, shape = label.split()
+        objects = [scenes[int(Path(hit.path).stem)].objects for hit in hits]
+        precision.append(np.mean([any(o.colour == colour and o.shape == shape for o in objs) for objs in objects]))
+    return float(np.mean(precision))
