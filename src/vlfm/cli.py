@@ -29,11 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one config field, e.g. -o train.steps=100 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
 
-    p = sub.add_parser("eval", help="evaluate a run or checkpoint on the built-in world; writes eval.json")
+    p = sub.add_parser("eval", help="evaluate a model: the built-in world's benchmark, or a task on a dataset")
     p.add_argument("checkpoint", help="run directory or checkpoint directory")
-    p.add_argument("--out", help="where to write eval.json (default: the run or checkpoint directory)")
-    p.add_argument("--retrieval-size", type=int, default=1000, help="held-out scenes for retrieval")
-    p.add_argument("--classify-size", type=int, default=500, help="single-object scenes per zero-shot set")
+    p.add_argument("--task", choices=("world", "zeroshot_classification", "zeroshot_retrieval", "linear_probe"),
+                   default="world", help="world (default): zero-shot + retrieval on the built-in world -> eval.json")
+    p.add_argument("--dataset", default="shapes",
+                   help="digits | lfw_subset | a folder of class folders | a caption file (zeroshot_retrieval)")
+    p.add_argument("--features", choices=("embedding", "pooled", "tokens"), default="pooled",
+                   help="linear_probe: which frozen image features")
+    p.add_argument("--csv", default="runs/eval_results.csv", help="a row per (model, dataset, task) is appended here")
+    p.add_argument("--out", help="where to write the JSON (default: beside the checkpoint)")
+    p.add_argument("--retrieval-size", type=int, default=1000, help="world: held-out scenes for retrieval")
+    p.add_argument("--classify-size", type=int, default=500, help="world: single-object scenes per zero-shot set")
 
     p = sub.add_parser("classify", help="zero-shot classify images among natural-language labels")
     p.add_argument("checkpoint")
@@ -118,21 +125,36 @@ def cmd_eval(args) -> None:
     import vlfm
     from vlfm.checkpoint import resolve
     from vlfm.config import RunConfig, from_dict
-    from vlfm.data.shapes import WorldConfig
-    from vlfm.eval.world import WorldBenchmark
-    from vlfm.train import write_eval
+    from vlfm.eval.tasks import append_csv, evaluate_task
 
     path = Path(args.checkpoint)
     model = two_tower(vlfm.load(path), "eval")
-    run_config = path / "config.yaml"
-    if run_config.is_file():  # a run directory: evaluate on the world it trained on
-        world = from_dict(RunConfig, yaml.safe_load(run_config.read_text())).data.world
+    default_dir = path if path.is_dir() and (path / "config.yaml").is_file() else resolve(path)
+    if args.task == "world":
+        from vlfm.data.shapes import WorldConfig
+        from vlfm.eval.world import WorldBenchmark
+
+        if args.dataset != "shapes":
+            raise UsageError("--task world evaluates on the built-in world; pick another --task for --dataset")
+        run_config = path / "config.yaml"
+        if run_config.is_file():  # a run directory: evaluate on the world it trained on
+            world = from_dict(RunConfig, yaml.safe_load(run_config.read_text())).data.world
+        else:
+            world = WorldConfig(image_size=model.config.vision.image_size)
+        metrics = WorldBenchmark(world, args.classify_size, args.retrieval_size).evaluate(model)
+        out = Path(args.out) if args.out else default_dir / "eval.json"
     else:
-        world = WorldConfig(image_size=model.config.vision.image_size)
-    metrics = WorldBenchmark(world, args.classify_size, args.retrieval_size).evaluate(model)
-    out = write_eval(Path(args.out) if args.out else (path if path.is_dir() and run_config.is_file() else resolve(path)), metrics)
-    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}, indent=2))
-    print(f"wrote {out}")
+        try:
+            metrics = evaluate_task(model, args.task, args.dataset, features=args.features)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        name = Path(args.dataset).stem if Path(args.dataset).exists() else args.dataset
+        out = Path(args.out) if args.out else default_dir / f"eval_{args.task}_{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2))
+    append_csv(args.csv, str(path), args.dataset, args.task, metrics)
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, indent=2))
+    print(f"wrote {out}; appended a row to {args.csv}")
 
 
 def open_image(path: str | Path) -> Image.Image:

@@ -1,0 +1,1 @@
+"""Adapting a pretrained model to a labelled task: linear probe (more to come: fine-tuning, LoRA)."""

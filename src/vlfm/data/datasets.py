@@ -1,0 +1,109 @@
+"""Labelled image sets for evaluation and adaptation: class folders, and real data that ships in PyPI packages.
+
+- `digits`: scikit-learn's 1,797 real handwritten digits (8x8, 16 grey levels), drawn dark on light and
+  upscaled by the model's preprocessing;
+- `lfw_subset`: scikit-image's 200 25x25 crops, 100 faces and 100 non-faces;
+- any folder of class folders (ImageNet layout: ROOT/CLASS/*.png), class names from the folder names.
+
+Every set is split deterministically (seeded, stratified) into train / val / test for probes and fine-tuning.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlfm.data.sources import decode_rgb, list_images
+
+log = logging.getLogger("vlfm")
+
+DIGIT_NAMES = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
+# Prompt templates per named set (CLIP_benchmark's style); class folders use generic ones.
+TEMPLATES = {
+    "digits": ['a photo of the number: "{}".', "a handwritten digit {}", "the digit {}"],
+    "lfw_subset": ["a photo of {}.", "a picture of {}.", "a close-up of {}."],
+    "folder": ["a photo of {}.", "a picture of {}.", "{}"],
+}
+
+
+@dataclass
+class LabelledImages:
+    name: str
+    images: list[Image.Image]
+    targets: torch.Tensor  # (N,) class indices
+    classnames: list[str]
+    templates: list[str]
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def split(self, seed: int = 0, val: float = 0.2, test: float = 0.2) -> dict[str, torch.Tensor]:
+        """Stratified train/val/test index tensors, the same for a given seed."""
+        rng = np.random.default_rng(seed)
+        parts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+        for c in range(len(self.classnames)):
+            members = rng.permutation(np.flatnonzero(self.targets.numpy() == c))
+            n_test, n_val = round(len(members) * test), round(len(members) * val)
+            parts["test"] += members[:n_test].tolist()
+            parts["val"] += members[n_test : n_test + n_val].tolist()
+            parts["train"] += members[n_test + n_val :].tolist()
+        return {k: torch.tensor(sorted(v), dtype=torch.long) for k, v in parts.items()}
+
+
+def load_dataset(name: str) -> LabelledImages:
+    """A named set (digits, lfw_subset) or a folder of class folders."""
+    if name == "digits":
+        return digits()
+    if name == "lfw_subset":
+        return lfw_subset()
+    if Path(name).is_dir():
+        return class_folders(name)
+    raise ValueError(f"unknown dataset {name!r}: use digits, lfw_subset or a folder of class folders")
+
+
+def _grey_images(arrays: np.ndarray) -> list[Image.Image]:
+    """Float arrays in [0, 1] (N, H, W) -> RGB PIL images."""
+    return [Image.fromarray((a * 255).round().astype(np.uint8)).convert("RGB") for a in arrays]
+
+
+def digits() -> LabelledImages:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = _grey_images(1.0 - data.images / 16.0)  # ink dark on light paper, as rendered glyphs are
+    return LabelledImages("digits", images, torch.tensor(data.target), list(DIGIT_NAMES), TEMPLATES["digits"])
+
+
+def lfw_subset() -> LabelledImages:
+    from skimage.data import lfw_subset as load
+
+    arrays = load()  # the first 100 are faces, the last 100 are not
+    targets = torch.tensor([0] * 100 + [1] * 100)
+    return LabelledImages("lfw_subset", _grey_images(arrays), targets, ["a face", "something other than a face"],
+                          TEMPLATES["lfw_subset"])  # fmt: skip
+
+
+def class_folders(root: str | Path) -> LabelledImages:
+    root = Path(root)
+    classes = sorted(p for p in root.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise ValueError(f"{root} needs at least two class folders (ROOT/CLASS/image.png), found {len(classes)}")
+    images, targets, skipped = [], [], []
+    for index, folder in enumerate(classes):
+        for path in list_images(folder):
+            image = decode_rgb(path)
+            if image is None:
+                skipped.append(str(path))
+                continue
+            images.append(image)
+            targets.append(index)
+    if skipped:
+        log.warning("skipped %d undecodable image(s), e.g. %s", len(skipped), skipped[0])
+    names = [folder.name.replace("_", " ") for folder in classes]
+    return LabelledImages(root.name, images, torch.tensor(targets), names, TEMPLATES["folder"], len(skipped))
