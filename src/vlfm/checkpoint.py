@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlfm.config import ModelConfig, TextConfig, from_dict, to_dict
+from vlfm.config import ClassifierConfig, ModelConfig, TextConfig, from_dict, to_dict
 
-ARCHITECTURES = {"vlfm.TwoTowerModel": ModelConfig, "vlfm.TextEncoder": TextConfig}
+ARCHITECTURES = {"vlfm.TwoTowerModel": ModelConfig, "vlfm.TextEncoder": TextConfig, "vlfm.ImageClassifier": ClassifierConfig}
 FORMAT_VERSION = 1
 
 
@@ -121,10 +121,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", config: str | Pat
         raise CheckpointError(f"{directory} has no model.safetensors: the checkpoint has no weights")
     model_config = from_dict(ARCHITECTURES[architecture], meta["model"], "model.")
     tokenizer = Tokenizer.from_directory(directory)
+    preprocess = Preprocess.load(directory / "preprocess.json") if (directory / "preprocess.json").is_file() else None
     if architecture == TextEncoder.ARCHITECTURE:
         model = TextEncoder(model_config, tokenizer)
+    elif architecture == "vlfm.ImageClassifier":
+        from vlfm.adapt.finetune import ImageClassifier
+
+        model = ImageClassifier(model_config, preprocess)
     else:
-        preprocess = Preprocess.load(directory / "preprocess.json") if (directory / "preprocess.json").is_file() else None
         model = TwoTowerModel(model_config, tokenizer, preprocess)
     load_state_strict(model, load_file(str(weights)), str(weights))
     return model.to(device).eval()

@@ -1,4 +1,4 @@
-"""`vlfm` command line: train | eval | classify | embed | info | convert | index | search.
+"""`vlfm` command line: train | eval | classify | embed | info | convert | adapt | index | search.
 
 Errors a user can fix (bad config key, missing file, non-image, checkpoint without weights) print one line
 and exit with code 2; anything else is a bug and keeps its traceback.
@@ -65,6 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=("hf", "vlfm"), required=True,
                    help="hf: a directory transformers' CLIPModel / SiglipModel loads; vlfm: vlfm's own format")
     p.add_argument("--config", help="open_clip only: the model-config JSON (e.g. ViT-B-32.json) if not beside the weights")
+
+    p = sub.add_parser("adapt", help="fine-tune the image tower on a labelled set (full or LoRA), with a WiSE-FT curve")
+    p.add_argument("checkpoint", help="a two-tower model: the zero-shot classifier it gives is the starting point")
+    p.add_argument("--dataset", required=True, help="digits | lfw_subset | a folder of class folders")
+    p.add_argument("--out", required=True, help="directory for zeroshot/, model/, adapter/ (LoRA), results.json, mix.png")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, help="default 1e-3 (full) or 3e-3 (LoRA)")
+    p.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning; R: LoRA of rank R (peft)")
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--mix", help="WiSE-FT: comma-separated alphas to evaluate, e.g. 0,0.25,0.5,0.75,1 (plot: mix.png)")
+    p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("index", help="nearest-neighbour index of images: build (or resume) | add")
     isub = p.add_subparsers(dest="index_command", required=True, metavar="build|add")
@@ -258,6 +270,28 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.to} checkpoint {out}")
 
 
+def cmd_adapt(args) -> None:
+    import vlfm
+    from vlfm.adapt.finetune import finetune
+    from vlfm.config import TrainConfig
+    from vlfm.data.datasets import load_dataset
+
+    try:
+        alphas = [float(a) for a in args.mix.split(",")] if args.mix else None
+        data = load_dataset(args.dataset)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    model = two_tower(vlfm.load(args.checkpoint), "adapt")
+    lr = args.lr or (3e-3 if args.lora_rank else 1e-3)
+    train = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, warmup_steps=min(50, args.steps // 10),
+                        weight_decay=0.05, eval_every=max(1, args.steps // 3), log_every=10, seed=args.seed)  # fmt: skip
+    results = finetune(model, data, args.out, train, args.lora_rank, args.lora_alpha, args.seed, alphas)
+    summary = {"zeroshot_top1": results["zeroshot"]["top1"], "finetuned_top1": results["finetuned"]["top1"],
+               "trainable_fraction": results["trainable_fraction"]}  # fmt: skip
+    print(json.dumps({k: round(v, 4) for k, v in summary.items()}))
+    print(f"wrote {Path(args.out) / 'results.json'}")
+
+
 def _index_items(args) -> list[tuple[Path, str]]:
     from vlfm.data.sources import list_images, read_caption_file
 
@@ -319,7 +353,7 @@ def two_tower(model, command: str):
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "classify": cmd_classify, "embed": cmd_embed, "info": cmd_info,
-            "convert": cmd_convert, "index": cmd_index, "search": cmd_search}
+            "convert": cmd_convert, "adapt": cmd_adapt, "index": cmd_index, "search": cmd_search}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -104,6 +104,15 @@ class ModelConfig:
 
 
 @dataclass
+class ClassifierConfig:
+    """An image classifier made from a two-tower model's image tower (adapt/finetune.py)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    classnames: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=list)
+
+
+@dataclass
 class DataConfig:
     source: str = "shapes"  # shapes | a caption file (.csv/.tsv/.jsonl with filepath + caption)
     train_size: int = 20000  # scenes rendered for training (shapes)

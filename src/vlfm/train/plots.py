@@ -48,3 +48,20 @@ def plot_similarity(model, images: torch.Tensor, texts: list[str], path: Path) -
     ax.set_title("image x text cosine similarity", fontsize=9, y=-0.08)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
+
+
+def plot_mixing(curve: list[dict], path: Path) -> Path:
+    """WiSE-FT: accuracy over the mixing coefficient, in-domain and under shift."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    alphas = [row["alpha"] for row in curve]
+    ax.plot(alphas, [row["test_top1"] for row in curve], "o-", label="test split")
+    ax.plot(alphas, [row["shifted_top1"] for row in curve], "s--", label="shifted (inverted colours)")
+    ax.set_xlabel("alpha (0: zero-shot, 1: fine-tuned)")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
