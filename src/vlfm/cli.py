@@ -1,4 +1,4 @@
-"""`vlfm` command line: train | eval | classify | embed | info | convert | adapt | index | search.
+"""`vlfm` command line: train | eval | classify | embed | info | convert | data | adapt | index | search.
 
 Errors a user can fix (bad config key, missing file, non-image, checkpoint without weights) print one line
 and exit with code 2; anything else is a bug and keeps its traceback.
@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=("hf", "vlfm"), required=True,
                    help="hf: a directory transformers' CLIPModel / SiglipModel loads; vlfm: vlfm's own format")
     p.add_argument("--config", help="open_clip only: the model-config JSON (e.g. ViT-B-32.json) if not beside the weights")
+
+    p = sub.add_parser("data", help="data tools: shard (write WebDataset shards)")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="shard")
+    d = dsub.add_parser("shard", help="write image + caption pairs into WebDataset .tar shards")
+    d.add_argument("source", help="a folder of images (captions from same-named .txt files) or a caption file")
+    d.add_argument("--out", required=True, help="directory for shard-000000.tar, ...")
+    d.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    d.add_argument("--max-pixels", type=int, default=50_000_000, help="larger images are skipped as oversized")
 
     p = sub.add_parser("adapt", help="fine-tune the image tower on a labelled set (full or LoRA), with a WiSE-FT curve")
     p.add_argument("checkpoint", help="a two-tower model: the zero-shot classifier it gives is the starting point")
@@ -270,6 +278,20 @@ def cmd_convert(args) -> None:
     print(f"wrote {args.to} checkpoint {out}")
 
 
+def cmd_data(args) -> None:
+    from vlfm.data.shards import folder_items, write_shards
+    from vlfm.data.sources import read_caption_file
+
+    source = Path(args.source)
+    try:
+        items = folder_items(source) if source.is_dir() else read_caption_file(source)
+        stats = write_shards(items, args.out, args.maxcount, args.max_pixels)
+    except (ValueError, FileExistsError) as error:
+        raise UsageError(str(error)) from None
+    print(json.dumps({k: v for k, v in stats.items() if k != "shards"}))
+    print(f"wrote {len(stats['shards'])} shard(s) to {args.out}")
+
+
 def cmd_adapt(args) -> None:
     import vlfm
     from vlfm.adapt.finetune import finetune
@@ -353,7 +375,7 @@ def two_tower(model, command: str):
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "classify": cmd_classify, "embed": cmd_embed, "info": cmd_info,
-            "convert": cmd_convert, "adapt": cmd_adapt, "index": cmd_index, "search": cmd_search}
+            "convert": cmd_convert, "data": cmd_data, "adapt": cmd_adapt, "index": cmd_index, "search": cmd_search}
 
 if __name__ == "__main__":
     sys.exit(main())

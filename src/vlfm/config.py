@@ -114,7 +114,9 @@ class ClassifierConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "shapes"  # shapes | a caption file (.csv/.tsv/.jsonl with filepath + caption)
+    # shapes | a caption file (.csv/.tsv/.jsonl with filepath + caption) | WebDataset shards (a .tar, a folder
+    # of .tar files, or a brace pattern such as shards/shard-{000000..000009}.tar)
+    source: str = "shapes"
     train_size: int = 20000  # scenes rendered for training (shapes)
     eval_size: int = 1000  # held-out scenes for retrieval
     classify_size: int = 500  # single-object scenes per zero-shot evaluation set

@@ -13,6 +13,7 @@ from PIL import Image
 from vlfm.checkpoint import load_state_strict
 from vlfm.config import ConfigError, RunConfig
 from vlfm.data.shapes import ShapesWorld, captions, render_many
+from vlfm.data.shards import is_shard_source, load_shards
 from vlfm.data.sources import ImageTextData, load_image_text, read_caption_file
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess, to_uint8_tensor
@@ -31,6 +32,8 @@ def load_training_data(config: RunConfig, preprocess: Preprocess) -> ImageTextDa
                               f"{config.model.vision.image_size}; set both to the same value")
         images, scenes = render_many(ShapesWorld(data.world), "train", data.train_size, workers=data.workers)
         return ImageTextData(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [captions(s) for s in scenes])
+    if is_shard_source(data.source):
+        return load_shards(data.source, preprocess)
     rows = read_caption_file(data.source, data.image_column, data.caption_column)
     return load_image_text(rows, preprocess)
 

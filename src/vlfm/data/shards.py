@@ -1,0 +1,133 @@
+"""WebDataset shards: tar files of (image, caption) samples, written and read with the `webdataset` library.
+
+A sample is `KEY.png|jpg|...` (the original encoded bytes) + `KEY.txt` (the caption). Images that do not decode
+or exceed `max_pixels` are skipped and counted, when writing and when reading; nothing sleeps or retries.
+A shard source is a .tar file, a directory of .tar files, or a brace pattern (`shards/part-{000..009}.tar`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from vlfm.data.sources import IMAGE_SUFFIXES, ImageTextData, list_images
+from vlfm.data.transforms import Preprocess, to_uint8_tensor
+
+log = logging.getLogger("vlfm")
+MAX_PIXELS = 50_000_000  # larger images are skipped as oversized (decompression bombs included)
+IMAGE_KEYS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
+
+
+@dataclass
+class Skipped:
+    undecodable: list[str] = field(default_factory=list)
+    oversized: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.undecodable) + len(self.oversized)
+
+    def report(self, what: str) -> None:
+        for kind, names in (("undecodable", self.undecodable), ("oversized", self.oversized)):
+            if names:
+                log.warning("%s: skipped %d %s image(s), e.g. %s", what, len(names), kind, names[0])
+
+
+def check_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image | str:
+    """The decoded RGB image, or the reason it is skipped: 'undecodable' or 'oversized'."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > max_pixels:  # the header is read first: nothing big is decoded
+                return "oversized"
+            return image.convert("RGB")
+    except Image.DecompressionBombError:
+        return "oversized"
+    except (OSError, UnidentifiedImageError, ValueError):
+        return "undecodable"
+
+
+def folder_items(folder: str | Path) -> list[tuple[Path, str]]:
+    """Images of a folder with their captions from same-named .txt files (empty when there is none)."""
+    items = []
+    for path in list_images(folder):
+        caption_file = path.with_suffix(".txt")
+        items.append((path, caption_file.read_text().strip() if caption_file.is_file() else ""))
+    return items
+
+
+def write_shards(items: list[tuple[Path, str]], out: str | Path, maxcount: int = 1000, max_pixels: int = MAX_PIXELS,
+                 prefix: str = "shard") -> dict:  # fmt: skip
+    """Write (image path, caption) items into out/PREFIX-000000.tar, ...; returns counts and shard paths."""
+    import webdataset as wds
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.glob(f"{prefix}-*.tar")):
+        raise FileExistsError(f"{out} already holds {prefix}-*.tar shards; write to an empty directory")
+    skipped, written = Skipped(), 0
+    with wds.ShardWriter(str(out / f"{prefix}-%06d.tar"), maxcount=maxcount, verbose=0) as sink:
+        for index, (path, caption) in enumerate(items):
+            data = Path(path).read_bytes() if Path(path).is_file() else b""
+            checked = check_image(data, max_pixels)
+            if isinstance(checked, str):
+                getattr(skipped, checked).append(str(path))
+                continue
+            suffix = Path(path).suffix.lower().lstrip(".")
+            sink.write({"__key__": f"{index:09d}", suffix if suffix in IMAGE_KEYS else "png": data, "txt": caption})
+            written += 1
+    skipped.report("shard")
+    shards = sorted(out.glob(f"{prefix}-*.tar"))
+    return {"written": written, "undecodable": len(skipped.undecodable), "oversized": len(skipped.oversized),
+            "shards": [str(p) for p in shards]}  # fmt: skip
+
+
+def shard_urls(source: str | Path) -> list[str] | str:
+    source = str(source)
+    if "{" in source:
+        return source
+    path = Path(source)
+    if path.is_dir():
+        tars = sorted(str(p) for p in path.glob("*.tar"))
+        if not tars:
+            raise FileNotFoundError(f"{path} holds no .tar shards")
+        return tars
+    if path.is_file():
+        return [str(path)]
+    raise FileNotFoundError(f"shard source {source!r} does not exist")
+
+
+def is_shard_source(source: str) -> bool:
+    path = Path(source)
+    return source.endswith(".tar") or "{" in source or (path.is_dir() and any(path.glob("*.tar")))
+
+
+def read_shards(source: str | Path, max_pixels: int = MAX_PIXELS, skipped: Skipped | None = None) -> Iterator[tuple[Image.Image, str]]:
+    """(RGB image, caption) samples in shard order; bad images are skipped and recorded in `skipped`."""
+    import webdataset as wds
+
+    skipped = skipped if skipped is not None else Skipped()
+    for sample in wds.WebDataset(shard_urls(source), shardshuffle=False, empty_check=False):
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        name = f"{sample.get('__url__', '')}:{sample['__key__']}"
+        checked = check_image(sample[key], max_pixels) if key else "undecodable"
+        if isinstance(checked, str):
+            getattr(skipped, checked).append(name)
+            continue
+        yield checked, sample.get("txt", b"").decode("utf-8").strip()
+
+
+def load_shards(source: str | Path, preprocess: Preprocess) -> ImageTextData:
+    """Every sample of the shards decoded, resized and centre-cropped into memory (the training data)."""
+    skipped = Skipped()
+    images, captions = [], []
+    for image, caption in read_shards(source, skipped=skipped):
+        images.append(preprocess.resize_crop(image))
+        captions.append([caption])
+    skipped.report(str(source))
+    if not images:
+        raise ValueError(f"{source}: no decodable samples ({len(skipped)} skipped)")
+    return ImageTextData(to_uint8_tensor(images), captions, skipped=len(skipped))
