@@ -98,3 +98,11 @@ def test_eval_tasks_write_json_and_csv_rows(trained_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(trained_run), "--task", "linear_probe", "--dataset", "mnist", "--csv", str(table)]) == 2
     assert "unknown dataset 'mnist'" in capsys.readouterr().err
+
+
+def test_label_embeddings_average_synonyms(trained_run):
+    model = vlfm.load(trained_run)
+    both = model.label_embeddings([["a red circle", "a blue square"]], ["{}", "a photo of {}"])
+    parts = model.embed_texts(["a red circle", "a photo of a red circle", "a blue square", "a photo of a blue square"])
+    assert torch.allclose(both[0], torch.nn.functional.normalize(parts.mean(0), dim=0), atol=1e-5)
+    assert torch.allclose(model.label_embeddings(["a red circle"])[0], parts[0], atol=1e-5)

@@ -320,3 +320,22 @@ def test_grey_scenes_only_in_training_and_never_name_colours():
     assert plain.scene("train", 5).objects == world.scene("train", 5).objects
     with pytest.raises(ValueError, match="grey_fraction"):
         WorldConfig(grey_fraction=1.0)
+
+
+def test_glyph_scenes():
+    from vlfm.data.shapes import ShapesWorld, WorldConfig, captions, questions
+
+    world = ShapesWorld(WorldConfig(glyph_fraction=0.3))
+    train = [world.scene("train", i) for i in range(400)]
+    glyphs = [s for s in train if s.digit is not None]
+    assert 0.2 < len(glyphs) / len(train) < 0.4 and not any(s.objects for s in glyphs)
+    assert all(world.scene("heldout", i).digit is None for i in range(50))  # only train and val show digits
+    scene = glyphs[0]
+    assert captions(scene)[0] == f"the digit {scene.digit}" and questions(scene)[0] == ("what digit is this?", str(scene.digit))
+    image = np.asarray(world.render(scene), dtype=np.float32)
+    assert np.array_equal(image, np.asarray(world.render(scene)))  # deterministic
+    assert image.mean() > 128 and image.min() < 110  # dark ink on light paper
+    plain = ShapesWorld(WorldConfig())  # glyph_fraction 0: the world is exactly as before
+    assert [plain.scene("train", i) for i in range(20)] == [ShapesWorld(WorldConfig(glyph_fraction=0.0)).scene("train", i) for i in range(20)]
+    with pytest.raises(ValueError, match="glyph_fraction"):
+        WorldConfig(glyph_fraction=1.0)

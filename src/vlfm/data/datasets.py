@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlfm.data.glyphs import DIGIT_WORDS
 from vlfm.data.sources import decode_rgb, list_images
 
 log = logging.getLogger("vlfm")
@@ -39,6 +40,7 @@ class LabelledImages:
     classnames: list[str]
     templates: list[str]
     skipped: int = 0
+    synonyms: list[list[str]] | None = None  # per class, other names for it ("7": ["7", "seven"])
 
     def __len__(self) -> int:
         return len(self.images)
@@ -77,7 +79,9 @@ def digits() -> LabelledImages:
 
     data = load_digits()
     images = _grey_images(1.0 - data.images / 16.0)  # ink dark on light paper, as rendered glyphs are
-    return LabelledImages("digits", images, torch.tensor(data.target), list(DIGIT_NAMES), TEMPLATES["digits"])
+    synonyms = [[name, word] for name, word in zip(DIGIT_NAMES, DIGIT_WORDS)]
+    return LabelledImages("digits", images, torch.tensor(data.target), list(DIGIT_NAMES), TEMPLATES["digits"],
+                          synonyms=synonyms)  # fmt: skip
 
 
 def lfw_subset() -> LabelledImages:
@@ -85,8 +89,9 @@ def lfw_subset() -> LabelledImages:
 
     arrays = load()  # the first 100 are faces, the last 100 are not
     targets = torch.tensor([0] * 100 + [1] * 100)
-    return LabelledImages("lfw_subset", _grey_images(arrays), targets, ["a face", "something other than a face"],
-                          TEMPLATES["lfw_subset"])  # fmt: skip
+    names = ["a face", "something other than a face"]
+    synonyms = [["a face", "a human face", "a portrait of a person"], ["something other than a face", "an object", "a scene"]]
+    return LabelledImages("lfw_subset", _grey_images(arrays), targets, names, TEMPLATES["lfw_subset"], synonyms=synonyms)
 
 
 def class_folders(root: str | Path) -> LabelledImages:

@@ -15,6 +15,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vlfm.data.glyphs import glyph_captions, render_glyph
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35),
     "green": (30, 165, 55),
@@ -69,6 +71,9 @@ class WorldConfig:
     # Without them the image tower learns colour-specific shape detectors and misreads the shape of a
     # held-out combination (measured: 7% shape accuracy on held-out "green square"-type images).
     grey_fraction: float = 0.0
+    # Fraction of train and val scenes that show one rendered digit glyph instead of shapes (data/glyphs.py):
+    # captions such as "the digit 7", for zero-shot digit recognition on real handwriting.
+    glyph_fraction: float = 0.0
 
     def __post_init__(self):
         if self.image_size < 32:
@@ -99,6 +104,8 @@ class WorldConfig:
             )
         if not 0.0 <= self.grey_fraction < 1.0:
             raise ValueError(f"world.grey_fraction={self.grey_fraction} must be in [0, 1)")
+        if not 0.0 <= self.glyph_fraction < 1.0:
+            raise ValueError(f"world.glyph_fraction={self.glyph_fraction} must be in [0, 1)")
         if self.seed < 0:
             raise ValueError(f"world.seed={self.seed} must be >= 0")
 
@@ -121,6 +128,7 @@ class Scene:
     objects: tuple[Obj, ...]
     background: int  # seeds the background texture and all per-render jitter
     grey: bool = False  # rendered in greyscale; its captions and questions never name a colour
+    digit: int | None = None  # a glyph scene: one rendered digit and no shapes
 
 
 class ShapesWorld:
@@ -139,6 +147,8 @@ class ShapesWorld:
         rng = self._rng(split, index)
         if split == "single":
             return self._make_scene(rng, ALL_LABELS, 1)
+        if self.config.glyph_fraction and split in ("train", "val") and rng.random() < self.config.glyph_fraction:
+            return Scene((), int(rng.integers(2**31)), digit=int(rng.integers(10)))
         labels = self.held_out_labels if split == "heldout" else self.seen_labels
         if not labels:
             raise ValueError("split 'heldout' needs a non-empty world.held_out")
@@ -248,6 +258,8 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, rx: float
 
 
 def render(scene: Scene, image_size: int = 64) -> Image.Image:
+    if scene.digit is not None:
+        return render_glyph(scene.digit, scene.background, image_size)
     rng = np.random.default_rng(scene.background % 2**32)
     n, s = image_size, image_size * _SUPERSAMPLE
     bg = Image.fromarray(np.clip(_background(rng, n), 0, 255).astype(np.uint8)).resize((s, s), Image.NEAREST)
@@ -337,6 +349,8 @@ def _relation(a: Obj, b: Obj) -> str:
 
 def captions(scene: Scene, rng: np.random.Generator | None = None) -> list[str]:
     """Varied descriptions; the first is canonical (every object, left to right, with size) and fixed."""
+    if scene.digit is not None:
+        return glyph_captions(scene.digit)
     rng = rng or _scene_rng(scene, 1)
     objs = sorted(scene.objects, key=lambda o: (o.x, o.y))
     name = (lambda o: o.shape) if scene.grey else (lambda o: o.label)
@@ -380,6 +394,8 @@ def questions(
     """(question, one-word answer) pairs, only those whose answer is unambiguous in this scene.
 
     `avoid`: labels that 'no' existence questions must not mention (e.g. the held-out ones in training)."""
+    if scene.digit is not None:
+        return [("what digit is this?", str(scene.digit)), ("how many shapes are there?", "zero")]
     rng = rng or _scene_rng(scene, 2)
     objs = list(scene.objects)
     colours = [o.colour for o in objs]

@@ -1,7 +1,7 @@
 """Evaluation tasks by name, over named or local datasets (CLIP_benchmark's task names), and a results table.
 
-- zeroshot_classification: class names -> prompt templates -> text embeddings; the single-template score and
-  the gain of the template ensemble are reported beside the ensemble's;
+- zeroshot_classification: class names -> prompt templates -> text embeddings; the single-template score, the
+  gain of the template ensemble and (where the dataset names synonyms) the synonym ensemble are reported;
 - zeroshot_retrieval: a caption file's images and captions, recall@k both ways;
 - linear_probe: logistic regression on frozen image features (adapt/linear_probe.py).
 """
@@ -20,7 +20,7 @@ from vlfm.eval.retrieval import retrieval
 from vlfm.eval.zeroshot import zeroshot_classification
 
 CSV_COLUMNS = ["time", "model", "dataset", "task", "top1", "top5", "mean_per_class_recall", "top1_single_template",
-               "ensemble_gain", "zeroshot_top1", "t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5"]  # fmt: skip
+               "ensemble_gain", "top1_synonyms", "zeroshot_top1", "t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5"]  # fmt: skip
 
 
 def evaluate_task(model, task: str, dataset: str, features: str = "pooled") -> dict[str, float]:
@@ -39,8 +39,11 @@ def evaluate_task(model, task: str, dataset: str, features: str = "pooled") -> d
     if task == "zeroshot_classification":
         ensemble = zeroshot_classification(model, data.images, data.targets, data.classnames, data.templates)
         single = zeroshot_classification(model, data.images, data.targets, data.classnames, data.templates[:1])
-        return {**ensemble, "top1_single_template": single["top1"], "ensemble_gain": ensemble["top1"] - single["top1"],
-                "images": len(data)}  # fmt: skip
+        out = {**ensemble, "top1_single_template": single["top1"], "ensemble_gain": ensemble["top1"] - single["top1"],
+               "images": len(data)}  # fmt: skip
+        if data.synonyms:  # class names with their synonyms, all in one prompt ensemble
+            out["top1_synonyms"] = zeroshot_classification(model, data.images, data.targets, data.synonyms, data.templates)["top1"]
+        return out
     raise ValueError(f"unknown task {task!r}")
 
 

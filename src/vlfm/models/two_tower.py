@@ -80,12 +80,16 @@ class TwoTowerModel(TextEmbedding, nn.Module):
         return torch.cat(out)
 
     @torch.no_grad()
-    def label_embeddings(self, labels: list[str], templates: list[str] | None = None) -> torch.Tensor:
-        """One normalised embedding per label: the mean of its normalised prompt embeddings, renormalised."""
+    def label_embeddings(self, labels: list[str | list[str]], templates: list[str] | None = None) -> torch.Tensor:
+        """One normalised embedding per label: the mean of its normalised prompt embeddings, renormalised.
+        A label may be a list of synonyms ("7", "seven"): every name x template prompt joins the mean."""
         templates = templates or ["{}"]
-        prompts = [template.format(label) for label in labels for template in templates]
-        embeddings = self.embed_texts(prompts).view(len(labels), len(templates), -1).mean(dim=1)
-        return F.normalize(embeddings, dim=-1)
+        groups = [[label] if isinstance(label, str) else list(label) for label in labels]
+        prompts = [template.format(name) for names in groups for name in names for template in templates]
+        owner = torch.tensor([i for i, names in enumerate(groups) for _ in range(len(names) * len(templates))])
+        embeddings = self.embed_texts(prompts)
+        sums = torch.zeros(len(groups), embeddings.shape[1], device=embeddings.device)
+        return F.normalize(sums.index_add_(0, owner.to(embeddings.device), embeddings), dim=-1)  # mean, renormalised
 
     def logits(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         logits = self.logit_scale.exp().float() * image_embeddings @ text_embeddings.T
