@@ -106,3 +106,9 @@ def test_label_embeddings_average_synonyms(trained_run):
     parts = model.embed_texts(["a red circle", "a photo of a red circle", "a blue square", "a photo of a blue square"])
     assert torch.allclose(both[0], torch.nn.functional.normalize(parts.mean(0), dim=0), atol=1e-5)
     assert torch.allclose(model.label_embeddings(["a red circle"])[0], parts[0], atol=1e-5)
+
+
+def test_shapes_dataset_is_the_worlds_single_object_scenes(trained_run):
+    data = load_dataset("shapes")
+    assert len(data) == 600 and len(data.classnames) == 30 and data.classnames[0] == "a red circle"
+    assert torch.bincount(data.targets).tolist() == [20] * 30

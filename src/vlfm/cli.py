@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("world", "zeroshot_classification", "zeroshot_retrieval", "linear_probe"),
                    default="world", help="world (default): zero-shot + retrieval on the built-in world -> eval.json")
     p.add_argument("--dataset", default="shapes",
-                   help="digits | lfw_subset | a folder of class folders | a caption file (zeroshot_retrieval)")
+                   help="shapes | digits | lfw_subset | a folder of class folders | a caption file (zeroshot_retrieval)")
     p.add_argument("--features", choices=("embedding", "pooled", "tokens"), default="pooled",
                    help="linear_probe: which frozen image features")
     p.add_argument("--csv", default="runs/eval_results.csv", help="a row per (model, dataset, task) is appended here")
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("adapt", help="fine-tune the image tower on a labelled set (full or LoRA), with a WiSE-FT curve")
     p.add_argument("checkpoint", help="a two-tower model: the zero-shot classifier it gives is the starting point")
-    p.add_argument("--dataset", required=True, help="digits | lfw_subset | a folder of class folders")
+    p.add_argument("--dataset", required=True, help="shapes | digits | lfw_subset | a folder of class folders")
     p.add_argument("--out", required=True, help="directory for zeroshot/, model/, adapter/ (LoRA), results.json, mix.png")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=64)

@@ -3,6 +3,8 @@
 - `digits`: scikit-learn's 1,797 real handwritten digits (8x8, 16 grey levels), drawn dark on light and
   upscaled by the model's preprocessing;
 - `lfw_subset`: scikit-image's 200 25x25 crops, 100 faces and 100 non-faces;
+- `shapes`: the built-in world's single-object scenes, 20 per "colour shape" label (30 classes, held-out
+  combinations included);
 - any folder of class folders (ImageNet layout: ROOT/CLASS/*.png), class names from the folder names.
 
 Every set is split deterministically (seeded, stratified) into train / val / test for probes and fine-tuning.
@@ -64,9 +66,11 @@ def load_dataset(name: str) -> LabelledImages:
         return digits()
     if name == "lfw_subset":
         return lfw_subset()
+    if name == "shapes":
+        return shapes()
     if Path(name).is_dir():
         return class_folders(name)
-    raise ValueError(f"unknown dataset {name!r}: use digits, lfw_subset or a folder of class folders")
+    raise ValueError(f"unknown dataset {name!r}: use shapes, digits, lfw_subset or a folder of class folders")
 
 
 def _grey_images(arrays: np.ndarray) -> list[Image.Image]:
@@ -92,6 +96,18 @@ def lfw_subset() -> LabelledImages:
     names = ["a face", "something other than a face"]
     synonyms = [["a face", "a human face", "a portrait of a person"], ["something other than a face", "an object", "a scene"]]
     return LabelledImages("lfw_subset", _grey_images(arrays), targets, names, TEMPLATES["lfw_subset"], synonyms=synonyms)
+
+
+def shapes(per_class: int = 20, image_size: int = 64) -> LabelledImages:
+    from vlfm.data.shapes import ALL_LABELS, ShapesWorld, WorldConfig, with_article
+    from vlfm.eval.world import TEMPLATES as WORLD_TEMPLATES
+
+    world = ShapesWorld(WorldConfig(image_size=image_size))
+    labels = list(ALL_LABELS)
+    scenes = [world.single_object_scene(i, labels) for i in range(per_class * len(labels))]
+    targets = torch.tensor([labels.index(scene.objects[0].label) for scene in scenes])
+    return LabelledImages("shapes", [world.render(s) for s in scenes], targets, [with_article(x) for x in labels],
+                          list(WORLD_TEMPLATES))  # fmt: skip
 
 
 def class_folders(root: str | Path) -> LabelledImages:

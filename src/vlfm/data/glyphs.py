@@ -1,7 +1,7 @@
 """Rendered digit glyphs for the built-in world: one digit 0-9 per scene, dark ink on light paper, in the fonts
 this machine has (every .ttf/.otf under the system font folders, plus Pillow's built-in font), with varied
-size, rotation, stroke, blur and position, and sometimes rendered at low resolution and scaled back up (as
-scanned or tiny handwriting is). A model pretrained with them can be tested zero-shot on real handwriting
+height, stroke, shear, width, rotation, blur and position, and often rendered at low resolution and scaled
+back up (as scans and tiny handwriting are). A model pretrained with them can be tested zero-shot on real handwriting
 (`vlfm eval RUN --task zeroshot_classification --dataset digits`), a domain it never saw.
 
 The font list depends on the machine, so glyph images are deterministic per machine, not across machines.
@@ -36,17 +36,26 @@ def render_glyph(digit: int, seed: int, image_size: int = 64) -> Image.Image:
     paper, ink = int(rng.uniform(200, 255)), int(rng.uniform(0, 90))
     canvas = Image.new("L", (s, s), paper)
     draw = ImageDraw.Draw(canvas)
-    font = _font(fonts()[rng.integers(len(fonts()))], int(s * rng.uniform(0.6, 1.05)))
-    text = str(digit)
+    path, text = fonts()[rng.integers(len(fonts()))], str(digit)
+    probe = _font(path, 100)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=probe)
+    height = rng.uniform(0.55, 0.95) * s  # the glyph's height as a fraction of the image, whatever the font
+    font = _font(path, max(8, int(100 * height / max(1, bottom - top))))
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    x = (s - (right - left)) / 2 - left + rng.uniform(-0.1, 0.1) * s
-    y = (s - (bottom - top)) / 2 - top + rng.uniform(-0.1, 0.1) * s
-    draw.text((x, y), text, fill=ink, font=font, stroke_width=int(rng.integers(0, 4)), stroke_fill=ink)
-    canvas = canvas.rotate(rng.uniform(-15, 15), resample=Image.BICUBIC, fillcolor=paper)
+    x = (s - (right - left)) / 2 - left + rng.uniform(-0.08, 0.08) * s
+    y = (s - (bottom - top)) / 2 - top + rng.uniform(-0.08, 0.08) * s
+    draw.text((x, y), text, fill=ink, font=font, stroke_width=int(rng.integers(0, 6)), stroke_fill=ink)
+    # Hand-drawn variation: shear, a narrower or wider glyph, a small rotation (an affine map about the centre).
+    shear, squeeze, angle = rng.uniform(-0.3, 0.3), rng.uniform(0.7, 1.15), np.deg2rad(rng.uniform(-12, 12))
+    cos, sin = np.cos(angle), np.sin(angle)
+    a, b = cos / squeeze, (sin + shear) / squeeze
+    d, e = -sin, cos
+    c, f = s / 2 - a * s / 2 - b * s / 2, s / 2 - d * s / 2 - e * s / 2
+    canvas = canvas.transform((s, s), Image.AFFINE, (a, b, c, d, e, f), resample=Image.BICUBIC, fillcolor=paper)
     canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0, 2.0)))
     image = canvas.resize((image_size, image_size), Image.BOX)
-    if rng.random() < 0.5:  # low resolution, scaled back up
-        low = int(rng.integers(6, 17))
+    if rng.random() < 0.6:  # low resolution (scans, tiny writing), scaled back up as preprocessing does
+        low = int(rng.integers(7, 17))
         image = image.resize((low, low), Image.BOX).resize((image_size, image_size), Image.BICUBIC)
     pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, rng.uniform(1, 6), size=(image_size, image_size))
     return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
