@@ -1,8 +1,9 @@
 """The full presets on the built-in world (minutes each: slow, run by CI and `make test-all`).
 
 The floors are below what the presets reach here (CLIP: held-out zero-shot 0.70, t2i R@1 0.87; SigLIP: 0.56,
-0.85; LiT: 0.67, 0.89, measured on a 2-core CPU) with room for run-to-run variation; they catch a preset or
-training that breaks. The issue's target of 0.90 on both is not reached yet (see docs/architecture.md).
+0.85; LiT: 0.67, 0.89; glyphs: 0.52-0.73, 0.87-0.88 over two runs; measured on a 2-core CPU) with room for
+run-to-run variation; they catch a preset or training that breaks. The issue's target of 0.90 on both is not
+reached yet (see docs/architecture.md).
 """
 
 from pathlib import Path
@@ -14,17 +15,18 @@ import vlfm
 from vlfm.cli import main
 from vlfm.config import load_config
 from vlfm.data.shapes import ALL_LABELS, ShapesWorld, with_article
+from vlfm.eval.tasks import evaluate_task
 from vlfm.search import SearchIndex
 from vlfm.train import run
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["shapes-clip", "shapes-siglip", "shapes-lit"])
+@pytest.mark.parametrize("preset", ["shapes-clip", "shapes-siglip", "shapes-lit", "shapes-glyphs"])
 def test_preset_learns_the_world(preset, tmp_path):
     config = load_config(f"configs/{preset}.yaml", [f"output_dir={tmp_path}"])
     metrics = run(config)
     assert metrics["zeroshot_seen_top1"] >= 0.90, metrics  # combinations seen in training
-    assert metrics["zeroshot_top1"] >= 0.45, metrics  # combinations never seen in training (chance: 1/30)
+    assert metrics["zeroshot_top1"] >= (0.40 if preset == "shapes-glyphs" else 0.45), metrics  # unseen (chance 1/30)
     assert metrics["t2i_r1"] >= 0.75, metrics  # 1,000 held-out scenes, any scene carrying the caption counts
     if preset == "shapes-lit":
         # Words the world never uses, read through the locked MiniLM text tower. Measured: LiT 0.33 (colour
@@ -32,6 +34,11 @@ def test_preset_learns_the_world(preset, tmp_path):
         assert metrics["zeroshot_unseen_colours_top1"] >= 0.25, metrics
         assert metrics["zeroshot_unseen_shapes_top1"] >= 0.25, metrics
         assert metrics["zeroshot_unseen_templates_top1"] >= 0.75, metrics
+    if preset == "shapes-glyphs":
+        # zero-shot on real handwriting (scikit-learn's digits) after training on rendered glyphs only; measured
+        # 0.35 and 0.45 (two renderer versions), chance 0.10; the goal of 0.70 is not reached
+        digits = evaluate_task(vlfm.load(config.run_dir), "zeroshot_classification", "digits")
+        assert digits["top1"] >= 0.25, digits
     if preset == "shapes-clip":
         # text -> image search over 10,000 held-out scenes: "a red circle" must return scenes with a red circle
         # (measured: precision@10 1.0 for all 25 seen colour+shape queries)
