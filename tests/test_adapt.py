@@ -64,3 +64,15 @@ def test_adapt_refuses_bad_input(tmp_path, capsys):
     assert "needs an image-text model" in capsys.readouterr().err
     assert main(["adapt", "x", "--dataset", "nope", "--out", str(tmp_path / "y")]) == 2
     assert "unknown dataset 'nope'" in capsys.readouterr().err
+
+
+def test_cli_info_and_classify_on_a_fine_tuned_classifier(trained_run, tmp_path, capsys):
+    colour_folders(tmp_path / "data", broken=False)
+    adapt(trained_run, tmp_path / "ft")
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "ft" / "model")]) == 0
+    out = capsys.readouterr().out
+    assert "kind: image classifier, 3 classes (blue thing, green thing, red thing)" in out and "vision: 32px" in out
+    image = next((tmp_path / "data" / "red_thing").glob("*.png"))
+    assert main(["classify", str(tmp_path / "ft" / "model"), str(image), "--labels", "a,b"]) == 2
+    assert "ImageClassifier (image only, fixed classes)" in capsys.readouterr().err

@@ -254,16 +254,22 @@ def cmd_info(args) -> None:
     model = vlfm.load(directory)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     print(f"checkpoint: {directory} (layout: {detect(directory)})")
-    t = model.text.config
-    if hasattr(model, "visual"):
-        c, v = model.config, model.config.vision
-        print(f"kind: {c.kind}  embed_dim: {c.embed_dim}  parameters: {count(model) / 1e6:.2f}M")
-        print(f"vision: {v.image_size}px patch {v.patch_size} width {v.width} x {v.layers} layers, "
-              f"stem {v.stem}, pool {v.pool} ({count(model.visual) / 1e6:.2f}M)")
+    if hasattr(model, "visual") and hasattr(model, "text"):
+        print(f"kind: {model.config.kind}  embed_dim: {model.config.embed_dim}  parameters: {count(model) / 1e6:.2f}M")
+    elif hasattr(model, "visual"):
+        names = model.config.classnames
+        print(f"kind: image classifier, {len(names)} classes ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"
+              f"  parameters: {count(model) / 1e6:.2f}M")  # fmt: skip
     else:
         print(f"kind: text encoder  parameters: {count(model) / 1e6:.2f}M")
-    print(f"text: context {t.context_length} width {t.width} x {t.layers} layers, {t.norm}-norm, "
-          f"{'causal' if t.causal else 'bidirectional'}, pool {t.pool} ({count(model.text) / 1e6:.2f}M)")
+    if hasattr(model, "visual"):
+        v = model.visual.config
+        print(f"vision: {v.image_size}px patch {v.patch_size} width {v.width} x {v.layers} layers, "
+              f"stem {v.stem}, pool {v.pool} ({count(model.visual) / 1e6:.2f}M)")
+    if hasattr(model, "text"):
+        t = model.text.config
+        print(f"text: context {t.context_length} width {t.width} x {t.layers} layers, {t.norm}-norm, "
+              f"{'causal' if t.causal else 'bidirectional'}, pool {t.pool} ({count(model.text) / 1e6:.2f}M)")
     preprocess = f"; preprocess: {to_dict(model.preprocess_config)}" if hasattr(model, "preprocess_config") else ""
     print(f"tokenizer: {model.tokenizer.vocab_size if model.tokenizer else 'none'} tokens{preprocess}")
     print("files: " + ", ".join(sorted(p.name for p in directory.iterdir())) if directory.is_dir() else f"file: {directory}")
@@ -368,9 +374,10 @@ def cmd_search(args) -> None:
 
 
 def two_tower(model, command: str):
-    """The loaded model, if it has both towers (a text encoder alone cannot see images)."""
-    if not hasattr(model, "visual"):
-        raise UsageError(f"{command} needs an image-text model; this checkpoint is a {type(model).__name__} (text only)")
+    """The loaded model, if it has both towers (a text encoder or a fine-tuned classifier has one)."""
+    if not (hasattr(model, "visual") and hasattr(model, "text")):
+        tower = "text only" if hasattr(model, "text") else "image only, fixed classes"
+        raise UsageError(f"{command} needs an image-text model; this checkpoint is a {type(model).__name__} ({tower})")
     return model
 
 
