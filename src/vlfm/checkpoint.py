@@ -103,15 +103,15 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def load(path: str | Path, device: str | torch.device = "cpu", config: str | Path | None = None):
     """Load a checkpoint with its tokenizer and preprocessing attached: a vlfm checkpoint or run directory, a
     Hugging Face CLIP / SigLIP / BERT directory, or open_clip weights (`config`: its model-config JSON)."""
-    from vlfm import convert
+    from vlfm import foreign
     from vlfm.data.tokenizer import Tokenizer
     from vlfm.data.transforms import Preprocess
     from vlfm.models.text import TextEncoder
     from vlfm.models.two_tower import TwoTowerModel
 
     directory = resolve(path)
-    if convert.detect(directory) != "vlfm":
-        return convert.load_foreign(directory, config).to(device)
+    if foreign.detect(directory) != "vlfm":
+        return foreign.load_foreign(directory, config).to(device)
     meta = json.loads((directory / "config.json").read_text())
     architecture = meta["architecture"]
     if architecture not in ARCHITECTURES:

@@ -248,7 +248,7 @@ def cmd_info(args) -> None:
     import vlfm
     from vlfm.checkpoint import resolve
     from vlfm.config import to_dict
-    from vlfm.convert import detect
+    from vlfm.foreign import detect
 
     directory = resolve(args.checkpoint)
     model = vlfm.load(directory)

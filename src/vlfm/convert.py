@@ -1,4 +1,4 @@
-"""Every key map between vlfm and other checkpoint layouts, in one place.
+"""Every key map between vlfm and other checkpoint layouts, in one place (reading their files: foreign.py).
 
 In:  Hugging Face `CLIPModel`, `SiglipModel` and `BertModel` directories; open_clip ViT CLIP state dicts.
 Out: Hugging Face `CLIPModel` / `SiglipModel` directories that transformers loads.
@@ -20,12 +20,10 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from vlfm.checkpoint import CheckpointError, atomic_directory, load_state_strict, raise_mismatch
-from vlfm.config import ConfigError, ModelConfig, TextConfig, VisionConfig
-from vlfm.data.tokenizer import Tokenizer
-from vlfm.data.transforms import Preprocess
+from vlfm.checkpoint import CheckpointError, atomic_directory, raise_mismatch
+from vlfm.config import ModelConfig, TextConfig, VisionConfig
 
 log = logging.getLogger("vlfm")
 
@@ -198,76 +196,13 @@ def from_vlfm(ours: dict[str, torch.Tensor], rules: list[Rule]) -> dict[str, tor
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
-# --- reading their files -------------------------------------------------------------------------------------
-def detect(path: str | Path) -> str | None:
-    """The layout of a directory: vlfm | clip | siglip | bert | open_clip, or None if it is none of them."""
-    path = Path(path)
-    if path.is_file() or (path / "open_clip_config.json").is_file():
-        return "open_clip"
-    if not (path / "config.json").is_file():
-        return None
-    meta = _read_json(path / "config.json")
-    if "architecture" in meta and str(meta["architecture"]).startswith("vlfm."):
-        return "vlfm"
-    model_type = meta.get("model_type")
-    if model_type in ("clip", "siglip", "bert"):
-        return model_type
-    found = model_type or ", ".join(meta.get("architectures", [])) or "unknown"
-    raise CheckpointError(
-        f"{path}/config.json describes {found!r}: vlfm loads vlfm checkpoints, Hugging Face CLIPModel (clip), "
-        "SiglipModel (siglip) and BertModel (bert) directories, and open_clip checkpoints"
-    )
-
-
-def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors, sharded model.safetensors.index.json, or pytorch_model.bin (weights_only)."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        state: dict[str, torch.Tensor] = {}
-        for name in sorted(set(_read_json(index)["weight_map"].values())):
-            if not (directory / name).is_file():
-                raise CheckpointError(f"{index} names shard {name!r}, which is not in {directory}")
-            state.update(load_file(str(directory / name)))
-        return state
-    if (directory / "model.safetensors").is_file():
-        return load_file(str(directory / "model.safetensors"))
-    if (directory / "pytorch_model.bin").is_file():
-        return torch_weights(directory / "pytorch_model.bin")
-    raise CheckpointError(f"{directory} has no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
-
-
-def torch_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A .bin/.pt state dict through torch.load(weights_only=True): tensors only, never arbitrary pickles.
-    Training checkpoints ({'state_dict': ...}) and DDP's 'module.' prefix are unwrapped."""
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - the unpickler's own message says which type it refused
-        raise CheckpointError(f"{path} cannot be read as a weights-only state dict: {error}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
-
-
 def _act(name: str, where: str) -> str:
     if name not in ACTIVATIONS:
         raise CheckpointError(f"{where}: activation {name!r} is not supported (vlfm has {', '.join(ACTIVATIONS)})")
     return ACTIVATIONS[name]
 
 
-def _square(value, key: str) -> int:
+def square(value, key: str) -> int:
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
             raise CheckpointError(f"{key}={value}: vlfm supports square images and patches only")
@@ -294,7 +229,7 @@ BERT = {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_a
 
 def _hf_vision(c: dict, where: str, **layout) -> VisionConfig:
     return VisionConfig(
-        image_size=_square(c["image_size"], f"{where}.image_size"), patch_size=_square(c["patch_size"], f"{where}.patch_size"),
+        image_size=square(c["image_size"], f"{where}.image_size"), patch_size=square(c["patch_size"], f"{where}.patch_size"),
         width=c["hidden_size"], layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
         mlp_ratio=c["intermediate_size"] / c["hidden_size"], act=_act(c["hidden_act"], where), norm_eps=c["layer_norm_eps"],
         **layout,
@@ -359,8 +294,8 @@ def open_clip_config(meta: dict) -> ModelConfig:
     if pool not in ("tok", "avg"):
         raise CheckpointError(f"vision_cfg.pool_type={pool!r} is not supported (tok or avg)")
     vision = VisionConfig(
-        image_size=_square(v.get("image_size", 224), "vision_cfg.image_size"),
-        patch_size=_square(v.get("patch_size", 16), "vision_cfg.patch_size"), width=vision_width,
+        image_size=square(v.get("image_size", 224), "vision_cfg.image_size"),
+        patch_size=square(v.get("patch_size", 16), "vision_cfg.patch_size"), width=vision_width,
         layers=v.get("layers", 12), heads=vision_width // v.get("head_width", 64), mlp_ratio=v.get("mlp_ratio", 4.0),
         act=act, patch_bias=False, class_token=True, pre_norm=True, pool="cls" if pool == "tok" else "mean",
     )  # fmt: skip
@@ -376,103 +311,6 @@ def open_clip_config(meta: dict) -> ModelConfig:
     )  # fmt: skip
     kind = "siglip" if meta.get("init_logit_bias") is not None else "clip"
     return ModelConfig(kind=kind, embed_dim=meta.get("embed_dim", 512), vision=vision, text=text)
-
-
-def hf_preprocess(directory: Path, kind: str, image_size: int) -> Preprocess:
-    """preprocessor_config.json -> Preprocess; documented defaults (said in the log) when the file is missing."""
-    path = directory / "preprocessor_config.json"
-    if not path.is_file():
-        defaults = (Preprocess(image_size=image_size, mean=OPENAI_MEAN, std=OPENAI_STD) if kind == "clip"
-                    else Preprocess(image_size=image_size, resize_mode="squash"))  # fmt: skip
-        log.warning("%s has no preprocessor_config.json: using the %s defaults %s", directory, kind, defaults)
-        return defaults
-    c = _read_json(path)
-    size, crop = c.get("size", image_size), c.get("crop_size", image_size)
-    if c.get("do_center_crop", False):
-        crop = _square([crop["height"], crop["width"]] if isinstance(crop, dict) else crop, f"{path}: crop_size")
-        short = size.get("shortest_edge", crop) if isinstance(size, dict) else size
-        if short != crop:
-            log.warning("%s: resize to %s then crop %s; vlfm resizes the short side to the crop size", path, short, crop)
-        size, mode = crop, "shortest"
-    else:
-        size = _square([size["height"], size["width"]] if isinstance(size, dict) else size, f"{path}: size")
-        mode = "squash"
-    normalize = c.get("do_normalize", True)
-    return Preprocess(
-        image_size=size, resize_mode=mode, interpolation=RESAMPLE.get(c.get("resample", 3), "bicubic"),
-        mean=tuple(c.get("image_mean", OPENAI_MEAN)) if normalize else (0.0, 0.0, 0.0),
-        std=tuple(c.get("image_std", OPENAI_STD)) if normalize else (1.0, 1.0, 1.0),
-    )  # fmt: skip
-
-
-# --- loading --------------------------------------------------------------------------------------------------
-def load_foreign(path: str | Path, config_path: str | Path | None = None):
-    """A Hugging Face or open_clip checkpoint as a vlfm model (TwoTowerModel, or TextEncoder for BERT)."""
-    from vlfm.models.text import TextEncoder
-    from vlfm.models.two_tower import TwoTowerModel
-
-    path = Path(path)
-    kind = detect(path)
-    if kind == "open_clip":
-        return _load_open_clip(path, config_path)
-    if kind is None:
-        raise CheckpointError(f"{path} has no config.json: not a Hugging Face or vlfm model directory")
-    meta = _read_json(path / "config.json")
-    theirs = read_weights(path)
-    tokenizer = Tokenizer.from_directory(path)
-    try:
-        if kind == "bert":
-            config = bert_config(meta)
-            model = TextEncoder(config, tokenizer)
-            theirs = {k.removeprefix("bert."): v for k, v in theirs.items()}
-            state = to_vlfm(theirs, bert_map(config), DROPPED["bert"], model.state_dict(), str(path))
-            if "embeddings.token_type_embeddings.weight" in theirs:  # all-zero token types: a constant per token
-                state["text.pos_embed"] = state["text.pos_embed"] + theirs["embeddings.token_type_embeddings.weight"][0]
-        else:
-            config = hf_clip_config(meta) if kind == "clip" else hf_siglip_config(meta)
-            preprocess = hf_preprocess(path, kind, config.vision.image_size)
-            model = TwoTowerModel(config, tokenizer, preprocess)
-            rules = hf_clip_map(config) if kind == "clip" else hf_siglip_map(config)
-            state = to_vlfm(theirs, rules, DROPPED[kind], model.state_dict(), str(path))
-    except (ConfigError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{path}/config.json cannot be translated: {error}") from None
-    load_state_strict(model, state, str(path))
-    log.info("loaded %s checkpoint %s", kind, path)
-    return model.eval()
-
-
-def _load_open_clip(path: Path, config_path: str | Path | None):
-    from vlfm.models.two_tower import TwoTowerModel
-
-    directory = path if path.is_dir() else path.parent
-    if path.is_dir():
-        candidates = [directory / n for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")]
-        candidates += sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
-        weights = next((p for p in candidates if p.is_file()), None)
-        if weights is None:
-            raise CheckpointError(f"{directory} has no open_clip weights (.safetensors, .bin or .pt)")
-    else:
-        weights = path
-    config_path = Path(config_path) if config_path else directory / "open_clip_config.json"
-    if not config_path.is_file():
-        raise CheckpointError(
-            f"{weights} needs its open_clip model config (e.g. ViT-B-32.json): put open_clip_config.json beside it "
-            "or pass config=PATH (vlfm convert ... --config PATH)"
-        )
-    meta = _read_json(config_path)
-    try:
-        config = open_clip_config(meta)
-    except (ConfigError, TypeError) as error:
-        raise CheckpointError(f"{config_path} cannot be translated: {error}") from None
-    pre = meta.get("preprocess_cfg", {})
-    preprocess = Preprocess(
-        image_size=config.vision.image_size, mean=tuple(pre.get("mean", OPENAI_MEAN)), std=tuple(pre.get("std", OPENAI_STD)),
-        interpolation=pre.get("interpolation", "bicubic"), resize_mode=pre.get("resize_mode", "shortest"),
-    )  # fmt: skip
-    model = TwoTowerModel(config, Tokenizer.from_directory(directory), preprocess)
-    state = to_vlfm(torch_weights(weights), open_clip_map(config), DROPPED["open_clip"], model.state_dict(), str(weights))
-    load_state_strict(model, state, str(weights))
-    return model.eval()
 
 
 # --- export to Hugging Face --------------------------------------------------------------------------------------

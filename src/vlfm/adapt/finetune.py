@@ -25,6 +25,7 @@ from vlfm.data.datasets import LabelledImages
 from vlfm.data.transforms import Preprocess, to_uint8_tensor
 from vlfm.eval.zeroshot import classification_metrics
 from vlfm.models.vit import VisionTransformer
+from vlfm.train.loop import EpochSampler
 
 log = logging.getLogger("vlfm")
 # Every Linear of the blocks and the attention-pooling head, and the convolutions of the patch embedding (a
@@ -98,18 +99,13 @@ class FineTuneTask:
         self.val_pixels = to_uint8_tensor([preprocess.resize_crop(data.images[i]) for i in split["val"].tolist()])
         self.val_targets = data.targets[split["val"]]
         self.device = next(model.parameters()).device
+        self.sampler = EpochSampler(len(self.targets), config)
 
     def batch_size(self) -> int:
         return self.config.batch_size
 
     def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        n, size = len(self.targets), self.config.batch_size
-        start = (step * self.config.grad_accum + micro) * size
-        positions = torch.arange(start, start + size)
-        epochs = positions // n
-        order = {int(e): torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed * 7919 + int(e)))
-                 for e in torch.unique(epochs)}  # fmt: skip
-        indices = torch.stack([order[int(e)][p % n] for e, p in zip(epochs, positions)])
+        indices = self.sampler(step, micro)
         return {"pixels": self.pixels[indices], "targets": self.targets[indices]}
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

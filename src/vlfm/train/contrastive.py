@@ -20,6 +20,7 @@ from vlfm.data.transforms import Preprocess, to_uint8_tensor
 from vlfm.eval.world import WorldBenchmark
 from vlfm.losses import clip_loss, siglip_loss
 from vlfm.models.two_tower import TwoTowerModel
+from vlfm.train.loop import EpochSampler
 
 log = logging.getLogger("vlfm")
 
@@ -77,7 +78,7 @@ class ContrastiveTask:
         self.flat_captions = torch.tensor(flat)
         self.caption_counts = torch.tensor(counts)
         self.caption_offsets = torch.cumsum(torch.tensor([0] + counts[:-1]), 0)
-        self._epoch: tuple[int, torch.Tensor] | None = None
+        self.sampler = EpochSampler(len(self.data), config.train)
         self.benchmark = None
         if config.data.source == "shapes" and (config.data.classify_size or config.data.eval_size):
             self.benchmark = WorldBenchmark(config.data.world, config.data.classify_size, config.data.eval_size,
@@ -114,19 +115,10 @@ class ContrastiveTask:
     def batch_size(self) -> int:
         return self.config.train.batch_size
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if self._epoch is None or self._epoch[0] != epoch:
-            generator = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + epoch)
-            self._epoch = (epoch, torch.randperm(len(self.data), generator=generator))
-        return self._epoch[1]
-
     def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         """The micro-batch at a data position: a pure function of (seed, step, micro), so resume is exact."""
         train = self.config.train
-        start = (step * train.grad_accum + micro) * train.batch_size
-        positions = torch.arange(start, start + train.batch_size)
-        n = len(self.data)
-        indices = torch.cat([self._permutation(int(e))[positions[positions // n == e] % n] for e in torch.unique(positions // n)])
+        indices = self.sampler(step, micro)
         generator = torch.Generator().manual_seed((train.seed * 1_000_003 + step) * 64 + micro)
         pick = (torch.rand(len(indices), generator=generator) * self.caption_counts[indices]).long()
         caption = self.flat_captions[self.caption_offsets[indices] + pick]

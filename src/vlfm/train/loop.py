@@ -41,6 +41,28 @@ class Task(Protocol):
     def batch_size(self) -> int: ...
 
 
+class EpochSampler:
+    """Dataset indices of the micro-batch at (step, micro): each epoch is a permutation seeded by (seed, epoch),
+    so a batch is a pure function of the step and resuming needs no data state."""
+
+    def __init__(self, n: int, config: TrainConfig):
+        self.n, self.config = n, config
+        self._cached: tuple[int, torch.Tensor] | None = None
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if self._cached is None or self._cached[0] != epoch:
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            self._cached = (epoch, torch.randperm(self.n, generator=generator))
+        return self._cached[1]
+
+    def __call__(self, step: int, micro: int) -> torch.Tensor:
+        size = self.config.batch_size
+        start = (step * self.config.grad_accum + micro) * size
+        positions = torch.arange(start, start + size)
+        epochs = positions // self.n
+        return torch.cat([self.permutation(int(e))[positions[epochs == e] % self.n] for e in torch.unique(epochs)])
+
+
 def pick_device(config: TrainConfig) -> torch.device:
     """The training device, checked against the precision before any data is built."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
