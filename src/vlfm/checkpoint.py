@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlfm.config import ClassifierConfig, ModelConfig, TextConfig, from_dict, to_dict
+from vlfm.config import ClassifierConfig, LMConfig, ModelConfig, TextConfig, VLMConfig, from_dict, to_dict
 
-ARCHITECTURES = {"vlfm.TwoTowerModel": ModelConfig, "vlfm.TextEncoder": TextConfig, "vlfm.ImageClassifier": ClassifierConfig}
+ARCHITECTURES = {"vlfm.TwoTowerModel": ModelConfig, "vlfm.TextEncoder": TextConfig, "vlfm.ImageClassifier": ClassifierConfig,
+                 "vlfm.VisionLanguageModel": VLMConfig, "vlfm.LanguageModel": LMConfig}  # fmt: skip
 FORMAT_VERSION = 1
 
 
@@ -102,7 +103,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def load(path: str | Path, device: str | torch.device = "cpu", config: str | Path | None = None):
     """Load a checkpoint with its tokenizer and preprocessing attached: a vlfm checkpoint or run directory, a
-    Hugging Face CLIP / SigLIP / BERT directory, or open_clip weights (`config`: its model-config JSON)."""
+    Hugging Face CLIP / SigLIP / BERT / LLaVA / Llama / Qwen2 directory, or open_clip weights (`config`: its
+    model-config JSON)."""
     from vlfm import foreign
     from vlfm.data.tokenizer import Tokenizer
     from vlfm.data.transforms import Preprocess
@@ -128,6 +130,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", config: str | Pat
         from vlfm.adapt.finetune import ImageClassifier
 
         model = ImageClassifier(model_config, preprocess)
+    elif architecture == "vlfm.VisionLanguageModel":
+        from vlfm.models.vlm import VisionLanguageModel
+
+        model = VisionLanguageModel(model_config, tokenizer, preprocess)
+    elif architecture == "vlfm.LanguageModel":
+        from vlfm.models.lm import LanguageModel
+
+        model = LanguageModel(model_config, tokenizer)
     else:
         model = TwoTowerModel(model_config, tokenizer, preprocess)
     load_state_strict(model, load_file(str(weights)), str(weights))

@@ -1,4 +1,4 @@
-"""`vlfm` command line: train | eval | classify | embed | info | convert | data | adapt | index | search.
+"""`vlfm` command line: train | eval | classify | embed | info | convert | data | adapt | index | search | chat.
 
 Errors a user can fix (bad config key, missing file, non-image, checkpoint without weights) print one line
 and exit with code 2; anything else is a bug and keeps its traceback.
@@ -14,6 +14,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from vlfm.cli_vlm import add_parsers as add_vlm_parsers
+from vlfm.cli_vlm import cmd_chat, describe, eval_vlm, is_vlm, print_json
+
 
 class UsageError(ValueError):
     pass
@@ -28,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field, e.g. -o train.steps=100 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--stage", type=int, choices=(0, 1, 2), help="VLM runs: train only this stage (default: 0, 1, 2)")
 
     p = sub.add_parser("eval", help="evaluate a model: the built-in world's benchmark, or a task on a dataset")
     p.add_argument("checkpoint", help="run directory or checkpoint directory")
@@ -41,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where to write the JSON (default: beside the checkpoint)")
     p.add_argument("--retrieval-size", type=int, default=1000, help="world: held-out scenes for retrieval")
     p.add_argument("--classify-size", type=int, default=500, help="world: single-object scenes per zero-shot set")
+    p.add_argument("--vqa-size", type=int, default=300, help="world, VLM checkpoints: unseen scenes for VQA (vqa_acc)")
 
     p = sub.add_parser("classify", help="zero-shot classify images among natural-language labels")
     p.add_argument("checkpoint")
@@ -111,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=int, default=10, help="number of hits")
     p.add_argument("--sheet", help="also write the hits as a contact-sheet PNG")
     p.add_argument("--checkpoint", help="embed the query with this model (default: the one that built the index)")
+    add_vlm_parsers(sub)
     return parser
 
 
@@ -134,8 +140,9 @@ def cmd_train(args) -> None:
     from vlfm.train import run
 
     config = load_config(args.config, args.override)
-    metrics = run(config, resume=args.resume)
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, indent=2))
+    if args.stage is not None and config.task != "vlm":
+        raise UsageError("--stage is for VLM runs (task: vlm)")
+    print_json(run(config, resume=args.resume, stage=args.stage))
     print(f"run directory: {config.run_dir}")
 
 
@@ -148,9 +155,14 @@ def cmd_eval(args) -> None:
     from vlfm.eval.tasks import append_csv, evaluate_task
 
     path = Path(args.checkpoint)
-    model = two_tower(vlfm.load(path), "eval")
+    model = vlfm.load(path)
     default_dir = path if path.is_dir() and (path / "config.yaml").is_file() else resolve(path)
-    if args.task == "world":
+    if is_vlm(model):
+        if args.task != "world" or args.dataset != "shapes":
+            raise UsageError("a vision-language model is evaluated on the built-in world's VQA (--task world)")
+        metrics, out = eval_vlm(model, args, path)
+    elif args.task == "world":
+        two_tower(model, "eval")
         from vlfm.data.shapes import WorldConfig
         from vlfm.eval.world import WorldBenchmark
 
@@ -164,6 +176,7 @@ def cmd_eval(args) -> None:
         metrics = WorldBenchmark(world, args.classify_size, args.retrieval_size).evaluate(model)
         out = Path(args.out) if args.out else default_dir / "eval.json"
     else:
+        two_tower(model, "eval")
         try:
             metrics = evaluate_task(model, args.task, args.dataset, features=args.features)
         except ValueError as error:
@@ -173,7 +186,7 @@ def cmd_eval(args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
     append_csv(args.csv, str(path), args.dataset, args.task, metrics)
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, indent=2))
+    print_json(metrics)
     print(f"wrote {out}; appended a row to {args.csv}")
 
 
@@ -254,7 +267,9 @@ def cmd_info(args) -> None:
     model = vlfm.load(directory)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     print(f"checkpoint: {directory} (layout: {detect(directory)})")
-    if hasattr(model, "visual") and hasattr(model, "text"):
+    if is_vlm(model):
+        describe(model, count)
+    elif hasattr(model, "visual") and hasattr(model, "text"):
         print(f"kind: {model.config.kind}  embed_dim: {model.config.embed_dim}  parameters: {count(model) / 1e6:.2f}M")
     elif hasattr(model, "visual"):
         names = model.config.classnames
@@ -382,7 +397,7 @@ def two_tower(model, command: str):
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "classify": cmd_classify, "embed": cmd_embed, "info": cmd_info,
-            "convert": cmd_convert, "data": cmd_data, "adapt": cmd_adapt, "index": cmd_index, "search": cmd_search}
+            "convert": cmd_convert, "data": cmd_data, "adapt": cmd_adapt, "index": cmd_index, "search": cmd_search, "chat": cmd_chat}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -113,6 +113,62 @@ class ClassifierConfig:
 
 
 @dataclass
+class LMConfig:
+    """A Llama-style decoder (models/lm.py): RMSNorm, RoPE, SwiGLU, grouped-query attention. The field names
+    follow vlfm's towers; convert_lm.py translates Hugging Face Llama / Qwen2 / SmolLM configs."""
+
+    vocab_size: int = 1024
+    width: int = 256  # hidden size
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 4  # < heads: grouped-query attention (heads must be a multiple)
+    head_dim: int | None = None  # None: width // heads
+    mlp_width: int = 688  # SwiGLU hidden size
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_positions: int = 512  # the context length: longer prompts are refused
+    tie_embeddings: bool = True  # the output head shares the token embedding matrix
+    attn_bias: bool = False  # biases on q/k/v (Qwen2)
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = 0
+
+    def __post_init__(self):
+        if self.heads % self.kv_heads:
+            raise ConfigError(f"lm.heads {self.heads} is not a multiple of lm.kv_heads {self.kv_heads}")
+        if self.head_dim is None and self.width % self.heads:
+            raise ConfigError(f"lm.width {self.width} is not divisible by lm.heads {self.heads}; set lm.head_dim")
+
+
+@dataclass
+class VLMConfig:
+    """Vision tower + projector + language model (models/vlm.py), LLaVA's shape."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    projector: str = "mlp2x_gelu"  # linear | mlp2x_gelu (LLaVA-1.5) | pixel_shuffle (fewer image tokens)
+    shuffle_factor: int = 2  # pixel_shuffle: merge factor x factor neighbouring tokens into one
+    feature_layer: int = -2  # which block's output feeds the projector (-1: the last; LLaVA uses -2)
+    image_token: str = "<image>"
+    image_token_id: int | None = None  # set when the tokenizer gets the image token
+    template: str = "vlfm"  # the chat template (data/chat.py): vlfm | chatml
+    # Where the parts come from (any checkpoint vlfm.load reads; `python:PKG/DIR` works too). Their configs
+    # replace model.vision / model.lm when given.
+    vision_init: str | None = None
+    lm_init: str | None = None
+
+    def __post_init__(self):
+        _check_choice("model.projector", self.projector, ("linear", "mlp2x_gelu", "pixel_shuffle"))
+        if self.feature_layer == 0 or abs(self.feature_layer) > self.vision.layers:
+            raise ConfigError(f"model.feature_layer={self.feature_layer} must name one of the "
+                              f"{self.vision.layers} vision blocks (1..{self.vision.layers} or -1..-{self.vision.layers})")
+        if self.projector == "pixel_shuffle":
+            grid = self.vision.image_size // self.vision.patch_size
+            if grid % self.shuffle_factor:
+                raise ConfigError(f"model.shuffle_factor={self.shuffle_factor} does not divide the {grid}x{grid} token grid")
+
+
+@dataclass
 class DataConfig:
     # shapes | a caption file (.csv/.tsv/.jsonl with filepath + caption) | WebDataset shards (a .tar, a folder
     # of .tar files, or a brace pattern such as shards/shard-{000000..000009}.tar)
@@ -158,11 +214,60 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
+    task: str = "contrastive"  # contrastive (CLIP / SigLIP two towers) | vlm (VLMRunConfig)
     name: str = "run"
     output_dir: str = "runs"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+@dataclass
+class StageConfig:
+    """One stage of VLM training (train/vlm.py); the run's `train` section supplies everything else."""
+
+    steps: int = 0  # 0 skips the stage
+    batch_size: int = 32
+    lr: float = 1e-3  # the projector's learning rate (stage 0: the LM's)
+    lm_lr: float | None = None  # stage 2: the LM's learning rate (None: lr)
+    vision_lr: float = 0.0  # stage 2: > 0 trains the vision tower too, at this rate
+    warmup_steps: int = 50
+    lora_rank: int = 0  # stage 2: > 0 tunes the LM with LoRA adapters of this rank instead of all its weights
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj",
+                                                             "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class VLMDataConfig:
+    source: str = "shapes"  # shapes | a LLaVA JSON / JSONL file (images relative to image_root or the file)
+    image_root: str | None = None
+    train_size: int = 10000  # scenes rendered for training (shapes)
+    eval_size: int = 300  # unseen scenes for the VQA evaluation
+    text_size: int = 3000  # scenes whose conversations (~28 each) pretrain the LM in stage 0
+    max_length: int = 128  # longest training sequence in tokens (image tokens included); longer ones are skipped
+    world: WorldConfig = field(default_factory=WorldConfig)
+    workers: int = 2
+
+
+@dataclass
+class VLMRunConfig:
+    """A `task: vlm` run: stage 0 (LM on the world's text, only without model.lm_init), stage 1 (projector
+    on captions), stage 2 (projector + LM on instructions)."""
+
+    task: str = "vlm"
+    name: str = "vlm"
+    output_dir: str = "runs"
+    model: VLMConfig = field(default_factory=VLMConfig)
+    data: VLMDataConfig = field(default_factory=VLMDataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stage0: StageConfig = field(default_factory=lambda: StageConfig(steps=1000, lr=1e-3))
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=300, lr=1e-3))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=1000, lr=2e-4))
 
     @property
     def run_dir(self) -> Path:
@@ -246,7 +351,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig | VLMRunConfig:
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -256,4 +361,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a YAML mapping")
         data.setdefault("name", path.stem)
-    return from_dict(RunConfig, apply_overrides(data, overrides or []))
+    data = apply_overrides(data, overrides or [])
+    task = data.get("task", "contrastive")
+    _check_choice("task", task, ("contrastive", "vlm"))
+    return from_dict(VLMRunConfig if task == "vlm" else RunConfig, data)

@@ -1,6 +1,6 @@
 """Reading other layouts from disk: detect a directory's layout, read weights (safetensors, shards, weights-only
 torch files), translate preprocessor_config.json, and load Hugging Face / open_clip checkpoints as vlfm models
-through the key maps and config translations in convert.py.
+through the key maps and config translations in convert.py (language models and LLaVA: convert_lm.py).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ log = logging.getLogger("vlfm")
 
 
 def detect(path: str | Path) -> str | None:
-    """The layout of a directory: vlfm | clip | siglip | bert | open_clip, or None if it is none of them."""
+    """The layout of a directory: vlfm | clip | siglip | bert | llava | causal_lm (Llama / Qwen2) | open_clip, or
+    None if it is none of them."""
     path = Path(path)
     if path.is_file() or (path / "open_clip_config.json").is_file():
         return "open_clip"
@@ -47,12 +48,15 @@ def detect(path: str | Path) -> str | None:
     if "architecture" in meta and str(meta["architecture"]).startswith("vlfm."):
         return "vlfm"
     model_type = meta.get("model_type")
-    if model_type in ("clip", "siglip", "bert"):
+    if model_type in ("clip", "siglip", "bert", "llava"):
         return model_type
+    if model_type in ("llama", "qwen2"):
+        return "causal_lm"
     found = model_type or ", ".join(meta.get("architectures", [])) or "unknown"
     raise CheckpointError(
         f"{path}/config.json describes {found!r}: vlfm loads vlfm checkpoints, Hugging Face CLIPModel (clip), "
-        "SiglipModel (siglip) and BertModel (bert) directories, and open_clip checkpoints"
+        "SiglipModel (siglip), BertModel (bert), LlavaForConditionalGeneration (llava), LlamaForCausalLM (llama) "
+        "and Qwen2ForCausalLM (qwen2) directories, and open_clip checkpoints"
     )
 
 
@@ -108,6 +112,9 @@ def hf_preprocess(directory: Path, kind: str, image_size: int) -> Preprocess:
         log.warning("%s has no preprocessor_config.json: using the %s defaults %s", directory, kind, defaults)
         return defaults
     c = _read_json(path)
+    if c.get("do_pad"):
+        log.warning("%s: do_pad (pad to a square before resizing) is not supported: images are resized and cropped "
+                    "unpadded, so non-square images differ from what the model was trained on", path)
     size, crop = c.get("size", image_size), c.get("crop_size", image_size)
     if c.get("do_center_crop", False):
         crop = square([crop["height"], crop["width"]] if isinstance(crop, dict) else crop, f"{path}: crop_size")
@@ -127,7 +134,9 @@ def hf_preprocess(directory: Path, kind: str, image_size: int) -> Preprocess:
 
 
 def load_foreign(path: str | Path, config_path: str | Path | None = None):
-    """A Hugging Face or open_clip checkpoint as a vlfm model (TwoTowerModel, or TextEncoder for BERT)."""
+    """A Hugging Face or open_clip checkpoint as a vlfm model: TwoTowerModel, TextEncoder (BERT),
+    VisionLanguageModel (LLaVA) or LanguageModel (Llama / Qwen2)."""
+    from vlfm import convert_lm  # it reads weights through this module
     from vlfm.models.text import TextEncoder
     from vlfm.models.two_tower import TwoTowerModel
 
@@ -135,6 +144,10 @@ def load_foreign(path: str | Path, config_path: str | Path | None = None):
     kind = detect(path)
     if kind == "open_clip":
         return _load_open_clip(path, config_path)
+    if kind == "llava":
+        return convert_lm.load_hf_llava(path)
+    if kind == "causal_lm":
+        return convert_lm.load_hf_lm(path)
     if kind is None:
         raise CheckpointError(f"{path} has no config.json: not a Hugging Face or vlfm model directory")
     meta = _read_json(path / "config.json")

@@ -101,8 +101,10 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, act, eps, post_norm) for _ in range(layers))
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        for block in self.blocks:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                depth: int | None = None) -> torch.Tensor:
+        """`depth`: run only the first `depth` blocks (a VLM reads an inner layer)."""
+        for block in self.blocks[:depth]:
             if self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, mask, causal, use_reentrant=False)
             else:

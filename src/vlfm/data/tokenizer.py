@@ -28,10 +28,10 @@ class Tokenizer:
         backend.no_padding()  # padding and truncation are done here (a loaded tokenizer.json may carry its own)
         backend.no_truncation()
         self.pad_token, self.eos_token = pad_token, eos_token
-        self.pad_id = self._id(pad_token)
-        self.eos_id = self._id(eos_token) if eos_token is not None else None
+        self.pad_id = self.token_id(pad_token)
+        self.eos_id = self.token_id(eos_token) if eos_token is not None else None
 
-    def _id(self, token: str) -> int:
+    def token_id(self, token: str) -> int:
         index = self.backend.token_to_id(token)
         if index is None:
             raise ValueError(f"the tokenizer has no {token!r} token")
@@ -121,6 +121,17 @@ class Tokenizer:
             ids[row, : len(tokens)] = torch.tensor(tokens)
             mask[row, : len(tokens)] = 1
         return ids, mask
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a text alone, without the `<bos> ... <eos>` template: pieces to concatenate (chat)."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    @property
+    def bos_id(self) -> int | None:
+        """The token the tokenizer's own template puts before a text (vlfm's `<bos>`, Llama 3's
+        `<|begin_of_text|>`), or None where it puts none (Qwen2)."""
+        with_template, plain = self.backend.encode("a").ids, self.encode("a")
+        return with_template[0] if with_template[: len(plain)] != plain else None
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         if isinstance(ids, torch.Tensor):

@@ -77,16 +77,28 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Linear(c.width, output_dim, bias=False) if output_dim and c.proj else None
         init_transformer(self.transformer, c.layers)
 
-    def forward_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """All token states after the final norm: (B, tokens, width)."""
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (+ class token) with position embeddings, before the blocks: (B, tokens, width)."""
         x = self.patch_embed(pixels)  # (B, width, grid, grid)
         x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, width)
         if self.class_embed is not None:
             x = torch.cat([self.class_embed.expand(x.shape[0], 1, -1).to(x.dtype), x], dim=1)
         x = x + self.pos_embed.to(x.dtype)
-        if self.norm_pre is not None:
-            x = self.norm_pre(x)
-        return self.norm(self.transformer(x))
+        return self.norm_pre(x) if self.norm_pre is not None else x
+
+    def forward_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """All token states after the final norm: (B, tokens, width)."""
+        return self.norm(self.transformer(self.embed(pixels)))
+
+    def hidden_states(self, pixels: torch.Tensor, layer: int) -> torch.Tensor:
+        """Token states after `layer` blocks (negative counts from the end: -1 is the last block), without the
+        final norm: Hugging Face's `hidden_states[layer]`, what LLaVA feeds its projector. Later blocks are
+        not run."""
+        blocks = self.transformer.blocks
+        n = layer if layer > 0 else len(blocks) + 1 + layer
+        if not 1 <= n <= len(blocks):
+            raise ValueError(f"layer {layer} is outside the {len(blocks)} vision blocks")
+        return self.transformer(self.embed(pixels), depth=n)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         pool = self.config.pool

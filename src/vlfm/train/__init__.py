@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from vlfm.config import RunConfig, to_dict
+from vlfm.config import RunConfig, VLMRunConfig, to_dict
 
 log = logging.getLogger("vlfm")
 
@@ -18,15 +18,18 @@ class RunExistsError(RuntimeError):
     pass
 
 
-def run(config: RunConfig, resume: bool = False, stop_after: int | None = None) -> dict:
-    """Train `config` into config.run_dir; returns the final evaluation (empty when stopped early)."""
+def run(config: RunConfig | VLMRunConfig, resume: bool = False, stop_after: int | None = None,
+        stage: int | None = None) -> dict:
+    """Train `config` into config.run_dir; returns the final evaluation (empty when stopped early). A VLM run
+    trains its stages in order, or only `stage`."""
     from vlfm.checkpoint import latest_checkpoint
     from vlfm.train.contrastive import ContrastiveTask
     from vlfm.train.loop import pick_device, train
     from vlfm.train.plots import plot_curves, plot_similarity
 
     run_dir = config.run_dir
-    if not resume and (latest_checkpoint(run_dir) is not None or (run_dir / "model").exists()):
+    exists = latest_checkpoint(run_dir) is not None or (run_dir / "model").exists() or any(run_dir.glob("stage*/checkpoints"))
+    if not resume and stage is None and exists:
         raise RunExistsError(f"run directory {run_dir} already holds a run; pass --resume to continue it, "
                              f"or choose another name with -o name=...")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -38,8 +41,12 @@ def run(config: RunConfig, resume: bool = False, stop_after: int | None = None) 
             torch.set_num_threads(config.train.threads)
         torch.manual_seed(config.train.seed)
         device = pick_device(config.train)
-        task = ContrastiveTask(config, device)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        if config.task == "vlm":
+            from vlfm.train.vlm import run_vlm
+
+            return run_vlm(config, device, resume=resume, stage=stage, stop_after=stop_after)
+        task = ContrastiveTask(config, device)
         result = train(task, config.train, run_dir, resume=resume, stop_after=stop_after)
         if result["step"] < config.train.steps:
             return {}

@@ -76,25 +76,23 @@ def pick_device(config: TrainConfig) -> torch.device:
 NO_DECAY_NAMES = ("embed", "logit_", "probe", "norm", "bn", "bias")
 
 
-def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+def parameter_groups(model: nn.Module, config: TrainConfig, lr_mults: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Weight decay on matrices only: not on norms, biases, embeddings, or the logit scale/bias, which also
-    get their own learning-rate multiplier (small batches need the temperature to move faster)."""
-    decay, no_decay, logit = [], [], []
+    get their own learning-rate multiplier (small batches need the temperature to move faster).
+    `lr_mults`: name prefix -> learning-rate multiplier (a VLM's LM and vision tower learn slower than its
+    projector); the first matching prefix wins."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         if name.startswith("logit_"):
-            logit.append(param)
-        elif param.dim() < 2 or any(part in name for part in NO_DECAY_NAMES):
-            no_decay.append(param)
+            key = (0.0, config.logit_lr_mult)
         else:
-            decay.append(param)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay, "lr_mult": 1.0},
-        {"params": no_decay, "weight_decay": 0.0, "lr_mult": 1.0},
-        {"params": logit, "weight_decay": 0.0, "lr_mult": config.logit_lr_mult},
-    ]
-    return [g for g in groups if g["params"]]
+            mult = next((m for prefix, m in (lr_mults or {}).items() if name.startswith(prefix)), 1.0)
+            no_decay = param.dim() < 2 or any(part in name for part in NO_DECAY_NAMES)
+            key = (0.0 if no_decay else config.weight_decay, mult)
+        groups.setdefault(key, []).append(param)
+    return [{"params": params, "weight_decay": decay, "lr_mult": mult} for (decay, mult), params in groups.items()]
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -116,7 +114,8 @@ def train(task: Task, config: TrainConfig, run_dir: Path, resume: bool = False, 
     """Run (or continue) training; returns the last evaluation. `stop_after` ends early (tests, resume)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     device = next(task.model.parameters()).device
-    optimizer = torch.optim.AdamW(parameter_groups(task.model, config), lr=config.lr, betas=config.betas, eps=config.eps)
+    groups = parameter_groups(task.model, config, getattr(task, "lr_mults", None))
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
     step, history = 0, {"train": [], "eval": []}
     if resume:

@@ -1,0 +1,97 @@
+"""The assistant's commands: `vlfm chat`, and what `vlfm eval` / `vlfm info` do for a VLM checkpoint."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("chat", help="talk with a trained assistant about an image (interactive, or --prompt once)")
+    p.add_argument("checkpoint", help="a VLM run or checkpoint directory (configs/shapes-vlm.yaml trains one)")
+    p.add_argument("--image", required=True, help="the image to talk about")
+    p.add_argument("--prompt", help="ask this once and exit (default: read questions from stdin until empty/EOF)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+
+
+def is_vlm(model) -> bool:
+    return type(model).__name__ == "VisionLanguageModel"
+
+
+def cmd_chat(args) -> None:
+    import torch
+
+    import vlfm
+    from vlfm.cli import UsageError, open_image
+
+    model = vlfm.load(args.checkpoint)
+    if not is_vlm(model):
+        raise UsageError(f"chat needs a vision-language model; {args.checkpoint} is a {type(model).__name__}")
+    image = open_image(args.image)
+    options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+               "generator": torch.Generator().manual_seed(args.seed)}  # fmt: skip
+    history: list[tuple[str, str]] = []
+    questions = [args.prompt] if args.prompt else _stdin_questions()
+    for question in questions:
+        try:
+            answer = model.chat(image, question, history=history, **options)
+        except ValueError as error:  # e.g. the conversation outgrew the context
+            raise UsageError(str(error)) from None
+        if args.prompt is None:
+            print(f"assistant: {answer}")
+        else:
+            print(answer)
+        if not history:
+            question = f"{model.config.image_token}\n{question}"
+        history += [("user", question), ("assistant", answer)]
+
+
+def _stdin_questions():
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you: ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return
+        yield line.strip()
+
+
+def eval_vlm(model, args, path: Path) -> tuple[dict, Path]:
+    """VQA exact match on the built-in world (the run's own world when `path` is a run directory)."""
+    import yaml
+
+    from vlfm.checkpoint import resolve
+    from vlfm.config import VLMRunConfig, from_dict
+    from vlfm.data.shapes import WorldConfig
+    from vlfm.train.vlm import evaluate_vlm
+
+    run_config = path / "config.yaml"
+    if run_config.is_file():
+        config = from_dict(VLMRunConfig, yaml.safe_load(run_config.read_text()))
+    else:
+        config = VLMRunConfig()
+        config.data.world = WorldConfig(image_size=model.config.vision.image_size)
+    config.data.eval_size = args.vqa_size
+    metrics = evaluate_vlm(model, config)
+    default_dir = path if run_config.is_file() else resolve(path)
+    return metrics, Path(args.out) if args.out else default_dir / "eval.json"
+
+
+def describe(model, count) -> None:
+    c = model.config
+    v, lm = c.vision, c.lm
+    print(f"kind: vision-language model  parameters: {count(model) / 1e6:.2f}M  template: {c.template}")
+    print(f"vision: {v.image_size}px patch {v.patch_size} width {v.width} x {v.layers} layers, features of layer "
+          f"{c.feature_layer} ({count(model.vision) / 1e6:.2f}M)")
+    print(f"projector: {c.projector}, {model.image_tokens} image tokens ({count(model.projector) / 1e6:.3f}M)")
+    print(f"lm: width {lm.width} x {lm.layers} layers, {lm.heads} heads ({lm.kv_heads} kv), context {lm.max_positions}, "
+          f"vocab {lm.vocab_size} ({count(model.lm) / 1e6:.2f}M)")
+
+
+def print_json(metrics: dict) -> None:
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, indent=2))

@@ -1,0 +1,282 @@
+"""A Llama-style decoder language model: token embedding -> pre-norm blocks (RMSNorm, RoPE, grouped-query
+attention, SwiGLU MLP) -> RMSNorm -> output head (tied to the embedding or its own). The arithmetic follows
+Hugging Face's Llama / Qwen2 (rotate-half RoPE, RMSNorm in fp32), so their weights give the same logits
+(key maps: convert_lm.py).
+
+Batches are left-padded: the attention mask (B, L_total) covers cached and new tokens, and positions count real
+tokens only, so a padded row sees exactly what it would see alone. `generate` decodes with a KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from vlfm.config import LMConfig
+from vlfm.data.tokenizer import Tokenizer
+
+
+class KVCache:
+    """Keys and values of every position seen so far, per layer: (B, kv_heads, T, head_dim), RoPE applied."""
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions' k, v to `layer` and return everything stored for it."""
+        if layer == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)
+            self.values[layer] = torch.cat([self.values[layer], v], dim=2)
+        return self.keys[layer], self.values[layer]
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight; normalised in fp32 and cast back before the scale, as Llama's weights were trained."""
+
+    def __init__(self, width: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (B, L, head_dim) for integer positions (B, L); frequencies in fp32 whatever the model's dtype."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
+    freqs = positions[..., None].float() * inv_freq
+    angles = torch.cat([freqs, freqs], dim=-1)  # rotate-half layout: dims i and i + head_dim/2 form a pair
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, heads, L, head_dim); cos, sin: (B, L, head_dim)
+    first, second = x.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def attention(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # bf16 attention's backward was measured ~4x slower than fp32 on CPUs: keep this op in fp32 there.
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+class GroupedQueryAttention(nn.Module):
+    """`heads` query heads share `kv_heads` key/value heads (each kv head serves heads // kv_heads queries)."""
+
+    def __init__(self, c: LMConfig):
+        super().__init__()
+        self.heads, self.kv_heads = c.heads, c.kv_heads
+        self.head_dim = c.head_dim or c.width // c.heads
+        self.q_proj = nn.Linear(c.width, c.heads * self.head_dim, bias=c.attn_bias)
+        self.k_proj = nn.Linear(c.width, c.kv_heads * self.head_dim, bias=c.attn_bias)
+        self.v_proj = nn.Linear(c.width, c.kv_heads * self.head_dim, bias=c.attn_bias)
+        self.out_proj = nn.Linear(c.heads * self.head_dim, c.width, bias=False)
+
+    def forward(self, x, rotary, mask, causal, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        # x: (B, L, width) -> q: (B, heads, L, head_dim); k, v: (B, kv_heads, L, head_dim)
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, *rotary), apply_rope(k, *rotary)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, kv_heads, L_total, head_dim)
+        if self.kv_heads != self.heads:
+            k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        out = attention(q, k, v, mask, causal)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(width, hidden, bias=False)
+        self.up_proj = nn.Linear(width, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, c: LMConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(c.width, c.norm_eps)
+        self.attn = GroupedQueryAttention(c)
+        self.norm2 = RMSNorm(c.width, c.norm_eps)
+        self.mlp = SwiGLU(c.width, c.mlp_width)
+
+    def forward(self, x, rotary, mask, causal, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rotary, mask, causal, cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+class LanguageModel(nn.Module):
+    """Token ids or embeddings in, next-token logits out; `generate` for decoding (see the module docstring)."""
+
+    ARCHITECTURE = "vlfm.LanguageModel"
+
+    def __init__(self, config: LMConfig, tokenizer: Tokenizer | None = None):
+        super().__init__()
+        self.config = c = config
+        self.tokenizer = tokenizer  # saved and loaded with the weights; a VLM keeps its own, this one stays None
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.width)
+        self.blocks = nn.ModuleList(DecoderBlock(c) for _ in range(c.layers))
+        self.norm = RMSNorm(c.width, c.norm_eps)
+        # Tied: no module of its own, so the state dict holds the matrix once (safetensors refuses shared tensors).
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.width, c.vocab_size, bias=False)
+        self.grad_checkpointing = False  # recompute each block in backward (training only): less memory
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """normal(0.02); residual output projections scaled by 1/sqrt(2*layers) (GPT-2); biases 0; norms 1."""
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                residual = name.endswith(("out_proj.weight", "down_proj.weight"))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.layers) if residual else 0.02)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The output head's matrix (vocab, width): the token embedding when tied."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache: KVCache | None = None,
+                position_ids=None) -> torch.Tensor:
+        """Logits (B, L, vocab) for the new tokens; `attention_mask` (B, past + L) covers cached and new ones."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, L, width)
+        b, n = x.shape[:2]
+        past = cache.length if cache is not None else 0
+        if past + n > self.config.max_positions:
+            raise ValueError(f"{past} cached + {n} new tokens exceed the context length max_positions={self.config.max_positions}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, past + n):
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must be (batch, cached + new) = {(b, past + n)}")
+        if position_ids is None:
+            position_ids = self._positions(attention_mask, b, past, n, x.device)
+        mask, causal = self._attention_mask(attention_mask, past, n, x.device)
+        rotary = rope(position_ids, self.blocks[0].attn.head_dim, self.config.rope_theta, x.dtype)
+        for layer, block in enumerate(self.blocks):
+            # Never under a cache: recomputing in backward would append the same keys twice.
+            if self.grad_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, rotary, mask, causal, use_reentrant=False)
+            else:
+                x = block(x, rotary, mask, causal, cache, layer)
+        return F.linear(self.norm(x), self.output_weight)
+
+    @staticmethod
+    def _positions(attention_mask, b: int, past: int, n: int, device) -> torch.Tensor:
+        """Positions (B, L) of the new tokens: real tokens counted from 0, so left padding shifts nothing."""
+        if attention_mask is None:
+            return torch.arange(past, past + n, device=device).expand(b, n)
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+
+    @staticmethod
+    def _attention_mask(attention_mask, past: int, n: int, device) -> tuple[torch.Tensor | None, bool]:
+        """(mask (B, 1, L, past + L) of keys each query may see, or None; SDPA's is_causal flag)."""
+        if attention_mask is None or bool(attention_mask.all()):
+            if past == 0:
+                return None, True  # SDPA's own causal kernel
+            if n == 1:
+                return None, False  # one new token sees every cached one
+        total = past + n
+        keys = torch.arange(total, device=device)
+        queries = torch.arange(past, total, device=device)[:, None]
+        allowed = keys <= queries  # (L, total)
+        if attention_mask is not None:
+            # A query always sees itself, so a padding row never attends to nothing (SDPA would give NaN there,
+            # and the NaN would reach real tokens through the padding's keys).
+            allowed = (allowed & attention_mask.bool()[:, None, :]) | (keys == queries)  # (B, L, total)
+        return allowed.unsqueeze(-3), False
+
+    def resize_token_embeddings(self, n: int) -> None:
+        """Grow (or cut) the vocabulary to `n`; new rows start at the mean of the existing ones. Tying is kept."""
+        self.embed_tokens = _resized(self.embed_tokens, n, lambda w: nn.Embedding(n, w.shape[1]))
+        if self.lm_head is not None:
+            self.lm_head = _resized(self.lm_head, n, lambda w: nn.Linear(w.shape[1], n, bias=False))
+        self.config.vocab_size = n
+
+    def save(self, path: str | Path) -> Path:
+        from vlfm.checkpoint import save_model
+
+        return save_model(self, path)
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_p: float = 1.0, stop_tokens=None,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
+        """New token ids per row (the stop token excluded). Prompts are left-padded ids or embeddings (a VLM's
+        spliced image features); greedy at temperature 0, else temperature + nucleus (top_p) sampling."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
+        prompt = input_ids if input_ids is not None else inputs_embeds
+        b, n = prompt.shape[:2]
+        if n + max_new_tokens > self.config.max_positions:
+            raise ValueError(f"a prompt of {n} tokens + max_new_tokens={max_new_tokens} = {n + max_new_tokens} exceeds "
+                             f"the context length max_positions={self.config.max_positions}")
+        if stop_tokens is None:
+            stop_tokens = [] if self.config.eos_token_id is None else [self.config.eos_token_id]
+        stop = set(stop_tokens)
+        mask = attention_mask if attention_mask is not None else torch.ones(b, n, dtype=torch.long, device=prompt.device)
+        cache = KVCache()
+        logits = self(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask, cache=cache)[:, -1]
+        out: list[list[int]] = [[] for _ in range(b)]
+        running = [True] * b
+        for step in range(max_new_tokens):
+            token = _next_token(logits.float(), temperature, top_p, generator)  # (B,)
+            for row, t in enumerate(token.tolist()):
+                if running[row] and t in stop:
+                    running[row] = False
+                elif running[row]:
+                    out[row].append(t)
+            if not any(running) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)  # finished rows keep decoding; their tokens are dropped
+            logits = self(input_ids=token[:, None], attention_mask=mask, cache=cache)[:, -1]
+        return out
+
+
+def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """(B, vocab) logits -> (B,) token ids: argmax, or a sample from the smallest set whose mass reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs, order = torch.softmax(logits / temperature, dim=-1).sort(dim=-1, descending=True)
+    probs = probs * (probs.cumsum(-1) - probs < top_p)  # the most likely token is always kept
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+def _resized(module: nn.Module, n: int, make) -> nn.Module:
+    old = module.weight
+    new = make(old).to(device=old.device, dtype=old.dtype)
+    keep = min(n, old.shape[0])
+    with torch.no_grad():
+        new.weight[:keep] = old[:keep]
+        new.weight[keep:] = old.mean(dim=0)
+    new.weight.requires_grad_(old.requires_grad)
+    return new

@@ -1,0 +1,352 @@
+"""VLM training in stages, each a task on the one training loop (train/loop.py).
+
+stage 0  the LM alone on the world's text, only when no pretrained LM is given (model.lm_init): it learns the
+         language and the chat template
+stage 1  vision tower and LM frozen; the projector learns to put image features into the LM's input space,
+         on captions ("describe the image")
+stage 2  projector + LM (all weights, or LoRA adapters), vision frozen unless stage2.vision_lr > 0, on the
+         instructions (captions, colour/shape/count/position/existence questions, multi-turn)
+Each stage starts from the previous stage's model and writes run_dir/stageN/ (checkpoints, metrics.jsonl,
+model/); run_dir/model/ is the finished assistant and run_dir/eval.json its VQA accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from vlfm.checkpoint import CheckpointError, latest_checkpoint, load_state_strict, save_model
+from vlfm.config import ConfigError, StageConfig, VLMRunConfig
+from vlfm.data.chat import (
+    CAPTION_REQUESTS,
+    IMAGE_TOKEN,
+    TEMPLATES,
+    add_chat_tokens,
+    encode_conversation,
+    expand_image_tokens,
+    read_llava_json,
+    world_conversations,
+    world_text,
+)
+from vlfm.data.shapes import ShapesWorld, captions, render_many
+from vlfm.data.sources import decode_rgb
+from vlfm.data.tokenizer import Tokenizer
+from vlfm.data.transforms import Preprocess, to_uint8_tensor
+from vlfm.eval.vqa import VQASet, vqa_accuracy
+from vlfm.models.vlm import VisionLanguageModel
+from vlfm.train.loop import EpochSampler
+
+log = logging.getLogger("vlfm")
+IGNORE = -100
+
+
+# --- building the model ---------------------------------------------------------------------------------
+def build_model(config: VLMRunConfig) -> VisionLanguageModel:
+    """A fresh VLM from the configured parts: the vision tower of model.vision_init, the LM of model.lm_init
+    (else a new LM with a tokenizer trained on the world's text), chat markers and the image token added."""
+    import vlfm
+
+    model_config, preprocess, vision_state = config.model, None, None
+    if model_config.vision_init:
+        tower = vlfm.load(model_config.vision_init)
+        if not hasattr(tower, "visual"):
+            raise ConfigError(f"model.vision_init={model_config.vision_init} is a {type(tower).__name__}, not an "
+                              "image-text model: give a CLIP / SigLIP checkpoint (vlfm, Hugging Face or open_clip)")
+        model_config.vision = dataclasses.replace(tower.config.vision)
+        preprocess = tower.preprocess_config
+        vision_state = {k: v for k, v in tower.visual.state_dict().items() if not k.startswith("proj.")}
+    else:
+        log.warning("model.vision_init is not set: the vision tower starts random (train it with stage2.vision_lr > 0)")
+    template = TEMPLATES[model_config.template]
+    lm_state = None
+    if model_config.lm_init:
+        from vlfm.convert_lm import load_hf_lm
+
+        lm = load_hf_lm(model_config.lm_init)
+        tokenizer = Tokenizer.from_directory(model_config.lm_init)
+        if tokenizer is None:
+            raise ConfigError(f"model.lm_init={model_config.lm_init} has no tokenizer files")
+        model_config.lm = dataclasses.replace(lm.config)
+        lm_state = lm.state_dict()
+    else:
+        texts = world_text(world_scenes(config, config.data.text_size), template, np.random.default_rng(config.train.seed),
+                           config.data.world.held_out)
+        tokenizer = Tokenizer.train(texts, vocab_size=model_config.lm.vocab_size)
+    add_chat_tokens(tokenizer, template, model_config.image_token)
+    model_config.image_token_id = tokenizer.backend.token_to_id(model_config.image_token)
+    if lm_state is None:
+        lm = model_config.lm
+        lm.vocab_size, lm.pad_token_id, lm.eos_token_id = tokenizer.vocab_size, tokenizer.pad_id, tokenizer.eos_id
+        lm.bos_token_id = tokenizer.backend.token_to_id("<bos>")
+    model = VisionLanguageModel(model_config, tokenizer, preprocess)
+    if lm_state is not None:
+        load_state_strict(model.lm, lm_state, str(model_config.lm_init))
+    if tokenizer.vocab_size > model.lm.config.vocab_size:  # the template markers and the image token are new
+        model.lm.resize_token_embeddings(tokenizer.vocab_size)
+    if vision_state is not None:
+        load_state_strict(model.vision, vision_state, str(model_config.vision_init))
+    return model
+
+
+def world_scenes(config: VLMRunConfig, n: int, split: str = "train"):
+    world = ShapesWorld(config.data.world)
+    return [world.scene(split, i) for i in range(n)]
+
+
+# --- data -----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Examples:
+    """Token sequences (labels -100 where no loss is taken) and, per sequence, its image row (-1: none)."""
+
+    ids: list[list[int]]
+    labels: list[list[int]]
+    image: list[int]
+    pixels: torch.Tensor  # uint8 (N, 3, H, W)
+    skipped: int = 0
+
+
+def stage_examples(model: VisionLanguageModel, config: VLMRunConfig, stage: int) -> Examples:
+    data, rng = config.data, np.random.default_rng([config.train.seed, stage])
+    avoid = data.world.held_out
+    tokenizer, template = model.tokenizer, model.template
+    if stage == 0:  # text only: every token is a target, except the image placeholder (no image to predict)
+        texts = world_text(world_scenes(config, data.text_size), template, rng, avoid)
+        ids = [tokenizer.encode(t)[: data.max_length] for t in texts]
+        labels = [[IGNORE if i == model.config.image_token_id else i for i in row] for row in ids]
+        return Examples(ids, labels, [-1] * len(ids), torch.empty(0, 3, 1, 1, dtype=torch.uint8))
+    if data.source == "shapes":
+        if data.world.image_size != model.config.vision.image_size:
+            raise ConfigError(f"data.world.image_size={data.world.image_size} differs from the vision tower's "
+                              f"image_size={model.config.vision.image_size}; set data.world.image_size")
+        images, scenes = render_many(ShapesWorld(data.world), "train", data.train_size, workers=data.workers)
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        if stage == 1:  # every caption of every scene, each under a random request
+            pairs = [(i, [("user", f"{IMAGE_TOKEN}\n{CAPTION_REQUESTS[rng.integers(len(CAPTION_REQUESTS))]}"),
+                          ("assistant", text)]) for i, scene in enumerate(scenes) for text in captions(scene)]  # fmt: skip
+        else:
+            pairs = [(i, c) for i, scene in enumerate(scenes) for c in world_conversations(scene, rng, avoid)]
+    else:
+        pixels, pairs = llava_pairs(data.source, data.image_root, model.preprocess_config)
+    out = Examples([], [], [], pixels)
+    for image, conversation in pairs:
+        ids, labels = encode_conversation(conversation, tokenizer, template)
+        ids, labels = expand_image_tokens(ids, labels, model.config.image_token_id, model.image_tokens, int(image >= 0))
+        if len(ids) > data.max_length:
+            out.skipped += 1
+            continue
+        out.ids.append(ids), out.labels.append(labels), out.image.append(image)
+    if out.skipped:
+        log.info("stage %d: %d sequences longer than data.max_length=%d skipped", stage, out.skipped, data.max_length)
+    if not out.ids:
+        raise ConfigError(f"stage {stage} has no training sequences (data.source={data.source})")
+    return out
+
+
+def llava_pairs(path: str, image_root: str | None, preprocess: Preprocess):
+    """(image row, conversation) pairs from a LLaVA JSON file; undecodable images are skipped and counted."""
+    records, skipped = read_llava_json(path, image_root)
+    images, pairs, rows = [], [], {}
+    for record in records:
+        row = -1
+        if record.image is not None:
+            if record.image not in rows:
+                image = decode_rgb(record.image)
+                if image is None:
+                    skipped += 1
+                    continue
+                rows[record.image] = len(images)
+                images.append(preprocess.resize_crop(image))
+            row = rows[record.image]
+        pairs.append((row, record.conversation))
+    log.info("%s: %d conversations, %d images, %d records skipped", path, len(pairs), len(images), skipped)
+    pixels = to_uint8_tensor(images) if images else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+    return pixels, pairs
+
+
+# --- the task -------------------------------------------------------------------------------------------
+class VLMTask:
+    def __init__(self, model: VisionLanguageModel, stage: int, examples: Examples, config: VLMRunConfig,
+                 evaluate=None):  # fmt: skip
+        self.model, self.stage, self.examples = model, stage, examples
+        stage_config: StageConfig = getattr(config, f"stage{stage}")
+        self.config = stage_train_config(config, stage)
+        self.device = model.device
+        self.sampler = EpochSampler(len(examples.ids), self.config)
+        self.lr_mults = set_trainable(model, stage, stage_config)
+        self._evaluate = evaluate
+
+    def batch_size(self) -> int:
+        return self.config.batch_size
+
+    def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        rows = self.sampler(step, micro).tolist()
+        ex = self.examples
+        longest = max(len(ex.ids[r]) for r in rows)
+        ids = torch.full((len(rows), longest), self.model.tokenizer.pad_id, dtype=torch.long)
+        labels = torch.full_like(ids, IGNORE)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            n = len(ex.ids[r])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(ex.ids[r]), torch.tensor(ex.labels[r]), 1
+        images = [ex.image[r] for r in rows if ex.image[r] >= 0]
+        return {"ids": ids, "labels": labels, "mask": mask, "pixels": ex.pixels[images] if images else None}
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        pixels = batch["pixels"]
+        if pixels is not None:
+            pixels = self.model.preprocess_config.normalize(pixels.to(self.device))
+        ids, mask = batch["ids"].to(self.device), batch["mask"].to(self.device)
+        if self.stage == 0:  # text only: a literal, unexpanded image placeholder is just a token here
+            logits = self.model.lm(input_ids=ids, attention_mask=mask)
+        else:
+            logits = self.model(ids, pixels, mask)
+        loss = next_token_loss(logits, batch["labels"].to(self.device))
+        return loss, {"loss": loss.item()}
+
+    def after_step(self) -> None:
+        pass
+
+    def evaluate(self) -> dict[str, float]:
+        return self._evaluate(self.model) if self._evaluate else {}
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting token t+1 at position t, over the labelled (not -100) targets."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def stage_train_config(config: VLMRunConfig, stage: int):
+    s: StageConfig = getattr(config, f"stage{stage}")
+    return dataclasses.replace(config.train, steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps)
+
+
+def set_trainable(model: VisionLanguageModel, stage: int, s: StageConfig) -> dict[str, float]:
+    """Freeze what the stage does not train; returns the learning-rate multipliers by module."""
+    model.requires_grad_(False)
+    if stage == 0:
+        model.lm.requires_grad_(True)
+        return {}
+    model.projector.requires_grad_(True)
+    if stage == 2:
+        if s.lora_rank:
+            add_lora(model, s)
+        else:
+            model.lm.requires_grad_(True)
+        if s.vision_lr > 0:
+            model.vision.requires_grad_(True)
+    return {"lm.": (s.lm_lr or s.lr) / s.lr, "vision.": s.vision_lr / s.lr}
+
+
+# --- LoRA (peft layers injected into the LM) --------------------------------------------------------------
+def add_lora(model: VisionLanguageModel, s: StageConfig) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha, target_modules=list(s.lora_targets))
+    inject_adapter_in_model(config, model.lm)
+    for name, param in model.lm.named_parameters():
+        param.requires_grad_("lora_" in name)
+    model.lora = {"rank": s.lora_rank, "alpha": s.lora_alpha, "targets": list(s.lora_targets)}
+
+
+def save_adapter(model: VisionLanguageModel, directory: Path) -> None:
+    """The LoRA weights alone (adapter.safetensors) and their settings (adapter_config.json)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.lm.state_dict().items() if "lora_" in k}
+    save_file(state, str(directory / "adapter.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps(model.lora, indent=2))
+
+
+def load_adapter(model: VisionLanguageModel, directory: str | Path, merge: bool = True) -> VisionLanguageModel:
+    """Put a saved LoRA adapter onto its base model (the stage-1 model), merged into the weights by default."""
+    directory = Path(directory)
+    if not (directory / "adapter_config.json").is_file():
+        raise CheckpointError(f"{directory} has no adapter_config.json: not a vlfm LoRA adapter")
+    settings = json.loads((directory / "adapter_config.json").read_text())
+    add_lora(model, StageConfig(lora_rank=settings["rank"], lora_alpha=settings["alpha"], lora_targets=settings["targets"]))
+    state = load_file(str(directory / "adapter.safetensors"))
+    missing = sorted(k for k in model.lm.state_dict() if "lora_" in k and k not in state)
+    if missing or set(state) - set(model.lm.state_dict()):
+        raise CheckpointError(f"{directory}: the adapter does not fit this model ({len(missing)} LoRA tensors missing)")
+    model.lm.load_state_dict(state, strict=False)
+    return merge_lora(model) if merge else model
+
+
+def merge_lora(model: VisionLanguageModel) -> VisionLanguageModel:
+    """Fold every LoRA update into its base Linear and put the plain Linear back."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.lm.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.lm.get_submodule(parent) if parent else model.lm, child, module.get_base_layer())
+    model.__dict__.pop("lora", None)
+    return model
+
+
+# --- the run --------------------------------------------------------------------------------------------
+def run_vlm(config: VLMRunConfig, device: torch.device, resume: bool = False, stage: int | None = None,
+            stop_after: int | None = None) -> dict:  # fmt: skip
+    """Run the stages (all, or only `stage`) into config.run_dir; returns the final evaluation."""
+    import vlfm
+    from vlfm.train.loop import train
+
+    run_dir = config.run_dir
+    stages = [stage] if stage is not None else [0, 1, 2]
+    first = stages[0]
+    previous = next((run_dir / f"stage{s}" / "model" for s in range(first - 1, -1, -1)
+                     if (run_dir / f"stage{s}" / "model").is_dir()), None)  # fmt: skip
+    if first > 0 and previous is not None:
+        model = vlfm.load(previous)
+    elif first > 0 and stage is not None:
+        raise ConfigError(f"--stage {stage} continues the model of an earlier stage, but {run_dir} has none; "
+                          "run the earlier stages first")
+    else:
+        model = build_model(config)
+    model = model.to(device)
+    model.set_grad_checkpointing(config.train.grad_checkpointing)
+    val = VQASet(config.data.world, "val", config.data.eval_size, config.data.workers) if config.data.source == "shapes" else None
+    quick = (lambda m: vqa_accuracy(m, val, limit=256)) if val is not None else None  # noqa: E731
+    for s in stages:
+        stage_config: StageConfig = getattr(config, f"stage{s}")
+        if stage_config.steps == 0 or (s == 0 and config.model.lm_init):
+            log.info("stage %d skipped (%s)", s, "a pretrained LM is given" if stage_config.steps else f"stage{s}.steps=0")
+            continue
+        stage_dir = run_dir / f"stage{s}"
+        if not resume and latest_checkpoint(stage_dir) is not None:
+            raise ConfigError(f"{stage_dir} already holds stage {s}; pass --resume to continue it")
+        if resume and (stage_dir / "model").is_dir():  # finished before the interruption
+            model = vlfm.load(stage_dir / "model").to(device)
+            continue
+        examples = stage_examples(model, config, s)
+        log.info("stage %d: %d sequences, %d steps of %d", s, len(examples.ids), stage_config.steps, stage_config.batch_size)
+        task = VLMTask(model, s, examples, config, evaluate=quick if s > 0 else None)
+        result = train(task, task.config, stage_dir, resume=resume, stop_after=stop_after)
+        if result["step"] < stage_config.steps:
+            return {}
+        if getattr(model, "lora", None):
+            save_adapter(model, stage_dir / "adapter")
+            merge_lora(model)
+            save_model(model, stage_dir / "model")
+    model.requires_grad_(False)
+    save_model(model, run_dir / "model")
+    metrics = evaluate_vlm(model, config)
+    (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def evaluate_vlm(model: VisionLanguageModel, config: VLMRunConfig) -> dict:
+    """VQA exact match on unseen scenes (`vqa_*`) and on scenes of the held-out colour-shape pairs."""
+    if config.data.source != "shapes":
+        return {}
+    metrics = vqa_accuracy(model, VQASet(config.data.world, "val", config.data.eval_size, config.data.workers))
+    heldout = VQASet(config.data.world, "heldout", config.data.eval_size, config.data.workers)
+    metrics.update(vqa_accuracy(model, heldout, prefix="vqa_heldout"))
+    return metrics

@@ -1,0 +1,178 @@
+"""The LLaVA-style assistant: projector, image-token splicing, stages (which parameters learn), LoRA,
+save/load, chat, the staged run and its CLI, bad input."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import vlfm
+from vlfm.cli import main
+from vlfm.config import ConfigError, StageConfig, load_config
+from vlfm.data.shapes import ShapesWorld, WorldConfig
+from vlfm.models.projector import Projector, pixel_shuffle
+from vlfm.train import run
+from vlfm.train.vlm import add_lora, build_model, load_adapter, merge_lora, save_adapter, set_trainable
+
+TINY_VLM = [
+    "task=vlm", "model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.width=32",
+    "model.vision.layers=2", "model.vision.heads=2", "model.vision.stem=conv",
+    "model.lm.width=32", "model.lm.layers=2", "model.lm.heads=4", "model.lm.kv_heads=2", "model.lm.mlp_width=64",
+    "model.lm.vocab_size=300", "model.lm.max_positions=96",
+    "data.world.image_size=32", "data.train_size=40", "data.text_size=40", "data.eval_size=4", "data.workers=1",
+    "data.max_length=80", "train.eval_every=0", "train.save_every=0", "train.log_every=1",
+    "stage0.steps=3", "stage1.steps=3", "stage2.steps=3", "stage0.batch_size=4", "stage1.batch_size=4",
+    "stage2.batch_size=4", "stage0.warmup_steps=1", "stage1.warmup_steps=1", "stage2.warmup_steps=1",
+]  # fmt: skip
+
+
+def tiny_vlm_config(tmp_path, *overrides, name="vlm"):
+    return load_config(None, TINY_VLM + [f"output_dir={tmp_path}", f"name={name}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    torch.manual_seed(0)
+    return build_model(tiny_vlm_config(tmp_path_factory.mktemp("vlm"))).eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    world = ShapesWorld(WorldConfig(image_size=32))
+    return [world.render(world.scene("val", i)) for i in range(3)]
+
+
+def test_pixel_shuffle_groups_neighbouring_tokens():
+    grid = torch.arange(16.0).view(1, 16, 1)  # a 4x4 grid, token value = its index
+    out = pixel_shuffle(grid, 2)
+    assert out.shape == (1, 4, 4)
+    assert out[0].tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    projector = Projector("pixel_shuffle", 8, 16, 2)
+    assert projector(torch.randn(2, 16, 8)).shape == (2, 4, 16) and projector.tokens_out(16) == 4
+
+
+def test_hidden_states_are_the_inner_blocks_output(model):
+    vision = model.vision
+    pixels = torch.randn(2, 3, 32, 32)
+    x = vision.embed(pixels)
+    first = vision.transformer.blocks[0](x)
+    assert torch.allclose(vision.hidden_states(pixels, -2), first, atol=1e-6)
+    assert torch.allclose(vision.hidden_states(pixels, 1), first, atol=1e-6)
+    with pytest.raises(ValueError, match="outside"):
+        vision.hidden_states(pixels, 3)
+
+
+def test_image_features_replace_the_placeholders(model, images):
+    ids = torch.tensor([model.prompt_ids([("user", "<image>\nwhat colour is the circle?")], images=1)])
+    pixels = model.preprocess(images[:1])
+    embeds = model.embed(ids, pixels)
+    where = ids[0] == model.config.image_token_id
+    assert int(where.sum()) == model.image_tokens == 16
+    assert torch.allclose(embeds[0, where], model.image_features(pixels)[0], atol=1e-6)
+    assert torch.equal(embeds[0, ~where], model.lm.embed_tokens(ids[0, ~where]))
+    with pytest.raises(ValueError, match="16 image-token positions but 2 image"):
+        model.embed(ids, model.preprocess(images[:2]))
+
+
+def test_chat_batch_equals_one_by_one(model, images):
+    questions = ["how many shapes are there?", "what colour is the big shape?", "describe the image."]
+    batch = model.chat(images, questions, max_new_tokens=5)
+    assert batch == [model.chat(i, q, max_new_tokens=5) for i, q in zip(images, questions)]
+    assert all(isinstance(a, str) for a in batch)
+
+
+def test_chat_bad_input(model, images):
+    with pytest.raises(ValueError, match="pass one"):
+        model.chat(None, "what shape is it?")
+    with pytest.raises(ValueError, match="placeholder"):
+        model.chat(images[0], "<image> <image> two images?")
+    with pytest.raises(ValueError, match="max_positions"):
+        model.chat(images[0], "how many " * 60)
+
+
+@pytest.mark.parametrize("stage, stage_config, learns", [
+    (0, StageConfig(), {"lm"}),
+    (1, StageConfig(), {"projector"}),
+    (2, StageConfig(), {"projector", "lm"}),
+    (2, StageConfig(vision_lr=1e-4), {"projector", "lm", "vision"}),
+    (2, StageConfig(lora_rank=4), {"projector", "lm.lora"}),
+])  # fmt: skip
+def test_which_parameters_learn_in_each_stage(tmp_path, images, stage, stage_config, learns):
+    torch.manual_seed(0)
+    model = build_model(tiny_vlm_config(tmp_path)).train()
+    set_trainable(model, stage, stage_config)
+    ids = torch.tensor([model.prompt_ids([("user", "<image>\nhi")], images=1)])
+    model(ids, model.preprocess(images[:1])).float().pow(2).mean().backward()
+    got = set()
+    for name, p in model.named_parameters():
+        if p.grad is not None and p.grad.abs().sum() > 0:
+            part = name.split(".")[0]
+            got.add("lm.lora" if "lora_" in name else part)
+        if p.grad is not None:
+            assert p.requires_grad
+    assert got == learns
+
+
+def test_lora_merge_and_adapter_round_trip(tmp_path, images):
+    torch.manual_seed(0)
+    config = tiny_vlm_config(tmp_path)
+    model = build_model(config).eval()
+    model.save(tmp_path / "base")
+    add_lora(model, StageConfig(lora_rank=4))
+    with torch.no_grad():  # LoRA's B starts at zero: give it weights so the adapter changes the output
+        for name, p in model.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    ids = torch.tensor([model.prompt_ids([("user", "<image>\nhi")], images=1)])
+    pixels = model.preprocess(images[:1])
+    with torch.no_grad():
+        unmerged = model(ids, pixels)
+        save_adapter(model, tmp_path / "adapter")
+        merged = merge_lora(model)(ids, pixels)
+        reloaded = load_adapter(vlfm.load(tmp_path / "base"), tmp_path / "adapter")(ids, pixels)
+        base = vlfm.load(tmp_path / "base")(ids, pixels)
+    assert not any("lora" in k for k in model.state_dict())
+    assert torch.allclose(unmerged, merged, atol=1e-5) and torch.allclose(merged, reloaded, atol=1e-5)
+    assert not torch.allclose(merged, base, atol=1e-3)
+
+
+def test_save_load_round_trip(tmp_path, model, images):
+    model.save(tmp_path / "m")
+    loaded = vlfm.load(tmp_path / "m")
+    assert type(loaded).__name__ == "VisionLanguageModel"
+    assert loaded.config == model.config and loaded.tokenizer.vocab_size == model.tokenizer.vocab_size
+    ids = torch.tensor([model.prompt_ids([("user", "<image>\nhi")], images=1)])
+    pixels = model.preprocess(images[:1])
+    with torch.no_grad():
+        assert torch.equal(model(ids, pixels), loaded(ids, pixels))
+    assert loaded.chat(images[0], "hi", max_new_tokens=4) == model.chat(images[0], "hi", max_new_tokens=4)
+
+
+def test_staged_run_cli_chat_eval_and_stage_rerun(tmp_path, capsys):
+    config = tiny_vlm_config(tmp_path)
+    metrics = run(config)
+    run_dir = config.run_dir
+    assert {"stage0", "stage1", "stage2", "model", "eval.json"} <= {p.name for p in run_dir.iterdir()}
+    assert 0.0 <= metrics["vqa_acc"] <= 1.0 and "vqa_heldout_acc" in metrics
+    assert json.loads((run_dir / "eval.json").read_text())["vqa_acc"] == metrics["vqa_acc"]
+    losses = [json.loads(x)["loss"] for x in (run_dir / "stage2" / "metrics.jsonl").read_text().splitlines() if "loss" in x]
+    assert len(losses) == 3
+    image = tmp_path / "scene.png"
+    ShapesWorld(WorldConfig(image_size=32)).render(ShapesWorld(WorldConfig(image_size=32)).scene("val", 7)).save(image)
+    capsys.readouterr()
+    assert main(["chat", str(run_dir), "--image", str(image), "--prompt", "how many shapes are there?"]) == 0
+    answer = capsys.readouterr().out.strip()
+    assert answer == vlfm.load(run_dir).chat(Image.open(image).convert("RGB"), "how many shapes are there?")
+    assert main(["eval", str(run_dir), "--vqa-size", "3", "--csv", str(tmp_path / "r.csv")]) == 0
+    assert "vqa_acc" in json.loads((run_dir / "eval.json").read_text())
+    assert main(["info", str(run_dir)]) == 0
+    assert "vision-language model" in capsys.readouterr().out
+    # stage 2 again from the saved stage-1 model, under another name: refused without --resume in the same dir
+    with pytest.raises(ConfigError, match="--resume"):
+        run(config, stage=2)
+
+
+def test_stage_needs_the_earlier_stage(tmp_path):
+    with pytest.raises(ConfigError, match="earlier stages"):
+        run(tiny_vlm_config(tmp_path, name="fresh"), stage=2)
