@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlfm.losses import clip_loss, siglip_loss
+from vlfm.losses import clip_loss, clip_loss_chunked, siglip_loss, siglip_loss_chunked
 
 
 def features(seed, b=5, d=8):
@@ -68,3 +68,63 @@ def test_siglip_loss_gradient_flows_to_scale_and_bias():
     siglip_loss(image, text, t, b).backward()
     # with b = -10 every pair looks negative, so the positive (diagonal) terms push b up: dL/db < 0
     assert b.grad.item() < 0 and t.grad is not None and image.grad.abs().sum() > 0
+
+
+# --- keys, chunked -------------------------------------------------------------------------------------------
+KEYS = torch.tensor([0, 1, 0, 2, 3, 1, 0, 4, 5, 5, 6])  # 11 rows: chunks of 4 leave a ragged last block
+
+
+def loss_and_grads(loss_fn, image, text, dtype=torch.float64):
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (image, text, torch.tensor(6.0), torch.tensor(-4.0))]
+    loss = loss_fn(*leaves)
+    loss.backward()
+    return [loss.detach()] + [torch.zeros((), dtype=dtype) if x.grad is None else x.grad for x in leaves]
+
+
+def test_keys_are_the_positives_mask():
+    image, text = features(8, b=11), features(9, b=11)
+    positives = KEYS[:, None] == KEYS[None, :]
+    scale, bias = torch.tensor(6.0, dtype=torch.float64), torch.tensor(-4.0, dtype=torch.float64)
+    assert clip_loss(image, text, scale, keys=KEYS) == clip_loss(image, text, scale, positives)
+    assert siglip_loss(image, text, scale, bias, keys=KEYS) == siglip_loss(image, text, scale, bias, positives)
+    with pytest.raises(ValueError, match="positives or keys"):
+        clip_loss(image, text, scale, positives, keys=KEYS)
+
+
+CHUNKED = [
+    (lambda i, t, s, b, k: clip_loss(i, t, s, keys=k), lambda i, t, s, b, k: clip_loss_chunked(i, t, s, k, chunk_size=4)),
+    (lambda i, t, s, b, k: siglip_loss(i, t, s, b, keys=k),
+     lambda i, t, s, b, k: siglip_loss_chunked(i, t, s, b, k, chunk_size=4)),
+]
+
+
+@pytest.mark.parametrize("keys", [None, KEYS], ids=["diagonal", "keys"])
+@pytest.mark.parametrize("full,chunked", CHUNKED, ids=["clip", "siglip"])
+def test_chunked_equals_full(full, chunked, keys):
+    image, text = features(10, b=11), features(11, b=11)
+    expected = loss_and_grads(lambda i, t, s, b: full(i, t, s, b, keys), image, text)
+    got = loss_and_grads(lambda i, t, s, b: chunked(i, t, s, b, keys), image, text)
+    for a, b in zip(got, expected):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+    assert expected[1].abs().sum() > 0 and expected[3] != 0
+    # float32 agrees closely too (the log-sum-exp of blocks is not an approximation)
+    got32 = loss_and_grads(lambda i, t, s, b: chunked(i, t, s, b, keys), image, text, torch.float32)
+    for a, b in zip(got32, expected):
+        assert torch.allclose(a.double(), b, atol=2e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("full,chunked", CHUNKED, ids=["clip", "siglip"])
+def test_chunked_backward_keeps_no_full_similarity_matrix(full, chunked):
+    """The full loss saves B x B tensors for the backward; the chunked one saves only its inputs (B x D) and the
+    per-block row log-sum-exps (B/chunk x B): the blocks themselves are recomputed."""
+    image, text = features(12, b=64).requires_grad_(), features(13, b=64)
+    scale, bias = torch.tensor(6.0, dtype=torch.float64), torch.tensor(-4.0, dtype=torch.float64)
+
+    def largest_saved(loss_fn):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: sizes.append(x.numel()) or x, lambda x: x):
+            loss_fn(image, text, scale, bias, None).backward()
+        return max(sizes)
+
+    assert largest_saved(full) == 64 * 64
+    assert largest_saved(chunked) <= max(64 * 8, 64 // 4 * 64)
