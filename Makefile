@@ -5,8 +5,9 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 RUN_NAME := demo-$(shell date +%Y%m%d-%H%M%S)
+TOWER_STEPS ?= 2000
 
-.PHONY: setup demo demo-siglip test test-all bench parity-open-clip lint clean
+.PHONY: setup demo demo-siglip demo-vlm test test-all bench bench-vlm parity-open-clip lint clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +24,15 @@ demo: setup  ## train the CLIP preset on the built-in world, evaluate, print the
 
 demo-siglip: setup
 	$(BIN)/vlfm train configs/shapes-siglip.yaml -o name=siglip-$(RUN_NAME)
+
+# The assistant: a CLIP image tower (the shapes-clip preset, shortened), then the VLM stages 0-2 on top of it,
+# VQA on unseen scenes (eval.json), and a chat transcript about a newly rendered scene.
+demo-vlm: setup  ## the LLaVA-style assistant on the built-in world (~20 minutes on 2 cores)
+	$(BIN)/vlfm train configs/shapes-clip.yaml -o name=tower-$(RUN_NAME) -o train.steps=$(TOWER_STEPS) \
+		-o train.eval_every=0 -o train.save_every=0
+	$(BIN)/vlfm train configs/shapes-vlm.yaml -o name=vlm-$(RUN_NAME) -o model.vision_init=runs/tower-$(RUN_NAME)
+	$(BIN)/vlfm chat runs/vlm-$(RUN_NAME) --scene 1 --save runs/vlm-$(RUN_NAME)/scene-1.png
+	$(BIN)/vlfm chat runs/vlm-$(RUN_NAME) --image runs/vlm-$(RUN_NAME)/scene-1.png --prompt "describe the image."
 
 test: setup  ## fast tests (slow end-to-end runs are deselected)
 	$(BIN)/python -m pytest -q
@@ -45,6 +55,9 @@ $(BENCH_VENV)/.installed: pyproject.toml
 
 bench: $(BENCH_VENV)/.installed  ## vlfm vs open_clip training samples/s (flags: BENCH_ARGS="--steps 5")
 	$(BENCH_VENV)/bin/python bench/train_step.py $(BENCH_ARGS)
+
+bench-vlm: setup  ## stage-2 step memory and tokens/s: full fine-tuning vs LoRA vs LoRA + gradient checkpointing
+	$(BIN)/python bench/vlm_memory.py $(BENCH_ARGS)
 
 parity-open-clip: $(BENCH_VENV)/.installed  ## open_clip's own ViT-B models (random weights) loaded by vlfm: feature differences
 	$(BENCH_VENV)/bin/python bench/open_clip_parity.py

@@ -164,6 +164,10 @@ def test_staged_run_cli_chat_eval_and_stage_rerun(tmp_path, capsys):
     assert main(["chat", str(run_dir), "--image", str(image), "--prompt", "how many shapes are there?"]) == 0
     answer = capsys.readouterr().out.strip()
     assert answer == vlfm.load(run_dir).chat(Image.open(image).convert("RGB"), "how many shapes are there?")
+    assert main(["chat", str(run_dir), "--scene", "3", "--save", str(tmp_path / "s.png")]) == 0
+    transcript = capsys.readouterr().out
+    assert (tmp_path / "s.png").is_file() and "you: how many shapes are there?" in transcript
+    assert transcript.count("assistant: ") == int(transcript.split("/")[-1].split()[0])  # every question answered
     assert main(["eval", str(run_dir), "--vqa-size", "3", "--csv", str(tmp_path / "r.csv")]) == 0
     assert "vqa_acc" in json.loads((run_dir / "eval.json").read_text())
     assert main(["info", str(run_dir)]) == 0
@@ -176,3 +180,28 @@ def test_staged_run_cli_chat_eval_and_stage_rerun(tmp_path, capsys):
 def test_stage_needs_the_earlier_stage(tmp_path):
     with pytest.raises(ConfigError, match="earlier stages"):
         run(tiny_vlm_config(tmp_path, name="fresh"), stage=2)
+
+
+def test_pretrained_lm_keeps_its_weights_and_gains_the_chat_tokens(tmp_path, model):
+    from vlfm.config import LMConfig
+    from vlfm.data.tokenizer import Tokenizer
+    from vlfm.models.lm import LanguageModel
+
+    tokenizer = Tokenizer.train(["a red circle", "how many shapes are there", "a blue square"] * 20, vocab_size=280)
+    config = LMConfig(vocab_size=tokenizer.vocab_size, width=32, layers=2, heads=4, kv_heads=2, mlp_width=64,
+                      max_positions=96, pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id)
+    torch.manual_seed(1)
+    LanguageModel(config, tokenizer).save(tmp_path / "lm")
+    lm = vlfm.load(tmp_path / "lm")
+    assert main(["info", str(tmp_path / "lm")]) == 0
+    vlm = build_model(tiny_vlm_config(tmp_path, f"model.lm_init={tmp_path / 'lm'}"))
+    n = lm.config.vocab_size
+    assert vlm.lm.config.vocab_size == vlm.tokenizer.vocab_size > n  # markers and <image> appended
+    assert torch.equal(vlm.lm.embed_tokens.weight[:n], lm.embed_tokens.weight)
+    assert torch.equal(vlm.lm.blocks[1].mlp.down_proj.weight, lm.blocks[1].mlp.down_proj.weight)
+    assert vlm.config.image_token_id == vlm.tokenizer.token_id("<image>") >= n
+    with pytest.raises(ConfigError, match="not an image-text model"):
+        build_model(tiny_vlm_config(tmp_path, f"model.vision_init={tmp_path / 'lm'}"))
+    model.save(tmp_path / "vlm")
+    with pytest.raises(ConfigError, match="not a language model"):
+        build_model(tiny_vlm_config(tmp_path, f"model.lm_init={tmp_path / 'vlm'}"))

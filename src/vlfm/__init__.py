@@ -5,7 +5,8 @@ __version__ = "0.1.0"
 
 def load(path, device="cpu", config=None):
     """Load a model with its tokenizer and preprocessing attached: a vlfm checkpoint or run directory, a Hugging
-    Face CLIP / SigLIP / BERT directory, or open_clip weights (`config`: open_clip's model-config JSON)."""
+    Face CLIP / SigLIP / BERT / LLaVA / Llama / Qwen2 directory, or open_clip weights (`config`: open_clip's
+    model-config JSON)."""
     from vlfm.checkpoint import load as _load
 
     return _load(path, device, config)

@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from vlfm.cli_vlm import add_parsers as add_vlm_parsers
-from vlfm.cli_vlm import cmd_chat, describe, eval_vlm, is_vlm, print_json
+from vlfm.cli_vlm import cmd_chat, describe, eval_vlm, is_language_model, is_vlm, print_json
 
 
 class UsageError(ValueError):
@@ -267,7 +267,7 @@ def cmd_info(args) -> None:
     model = vlfm.load(directory)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     print(f"checkpoint: {directory} (layout: {detect(directory)})")
-    if is_vlm(model):
+    if is_language_model(model):
         describe(model, count)
     elif hasattr(model, "visual") and hasattr(model, "text"):
         print(f"kind: {model.config.kind}  embed_dim: {model.config.embed_dim}  parameters: {count(model) / 1e6:.2f}M")

@@ -10,7 +10,12 @@ from pathlib import Path
 def add_parsers(sub) -> None:
     p = sub.add_parser("chat", help="talk with a trained assistant about an image (interactive, or --prompt once)")
     p.add_argument("checkpoint", help="a VLM run or checkpoint directory (configs/shapes-vlm.yaml trains one)")
-    p.add_argument("--image", required=True, help="the image to talk about")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="the image to talk about")
+    source.add_argument("--scene", type=int, metavar="N",
+                        help="render scene N of the built-in world's unseen split (saved as --save), ask its questions "
+                             "and print each answer beside the truth")  # fmt: skip
+    p.add_argument("--save", default="scene.png", help="--scene: where the rendered image is written")
     p.add_argument("--prompt", help="ask this once and exit (default: read questions from stdin until empty/EOF)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -22,6 +27,10 @@ def is_vlm(model) -> bool:
     return type(model).__name__ == "VisionLanguageModel"
 
 
+def is_language_model(model) -> bool:
+    return type(model).__name__ in ("VisionLanguageModel", "LanguageModel")
+
+
 def cmd_chat(args) -> None:
     import torch
 
@@ -31,6 +40,8 @@ def cmd_chat(args) -> None:
     model = vlfm.load(args.checkpoint)
     if not is_vlm(model):
         raise UsageError(f"chat needs a vision-language model; {args.checkpoint} is a {type(model).__name__}")
+    if args.scene is not None:
+        return _chat_about_scene(model, args)
     image = open_image(args.image)
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                "generator": torch.Generator().manual_seed(args.seed)}  # fmt: skip
@@ -48,6 +59,28 @@ def cmd_chat(args) -> None:
         if not history:
             question = f"{model.config.image_token}\n{question}"
         history += [("user", question), ("assistant", answer)]
+
+
+def _chat_about_scene(model, args) -> None:
+    """A transcript about a world scene never used in training ('val' scenes past the evaluation's): every
+    question the world can answer about it, the model's answer and the truth."""
+    from vlfm.data.chat import exact_match
+    from vlfm.data.shapes import ShapesWorld, WorldConfig, questions
+
+    world = ShapesWorld(WorldConfig(image_size=model.config.vision.image_size))
+    scene = world.scene("val", 100_000 + args.scene)
+    image = world.render(scene)
+    image.save(args.save)
+    print(f"scene {args.scene} -> {args.save}: " + ", ".join(f"{o.size} {o.label} at ({o.x:.2f}, {o.y:.2f})" for o in scene.objects))
+    pairs = [(args.prompt, None)] if args.prompt else questions(scene)
+    answers = model.chat([image] * len(pairs), [q for q, _ in pairs], max_new_tokens=args.max_new_tokens)
+    right = 0
+    for (question, truth), answer in zip(pairs, answers):
+        mark = "" if truth is None else ("  ok" if exact_match(answer, truth) else f"  WRONG (truth: {truth})")
+        right += truth is not None and exact_match(answer, truth)
+        print(f"you: {question}\nassistant: {answer}{mark}")
+    if not args.prompt:
+        print(f"{right}/{len(pairs)} answered correctly")
 
 
 def _stdin_questions():
@@ -83,6 +116,12 @@ def eval_vlm(model, args, path: Path) -> tuple[dict, Path]:
 
 
 def describe(model, count) -> None:
+    """`vlfm info` for a VisionLanguageModel or a bare LanguageModel."""
+    if type(model).__name__ == "LanguageModel":
+        lm = model.config
+        print(f"kind: language model  parameters: {count(model) / 1e6:.2f}M  width {lm.width} x {lm.layers} layers, "
+              f"{lm.heads} heads ({lm.kv_heads} kv), context {lm.max_positions}, vocab {lm.vocab_size}")
+        return
     c = model.config
     v, lm = c.vision, c.lm
     print(f"kind: vision-language model  parameters: {count(model) / 1e6:.2f}M  template: {c.template}")

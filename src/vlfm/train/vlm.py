@@ -67,12 +67,11 @@ def build_model(config: VLMRunConfig) -> VisionLanguageModel:
     template = TEMPLATES[model_config.template]
     lm_state = None
     if model_config.lm_init:
-        from vlfm.convert_lm import load_hf_lm
-
-        lm = load_hf_lm(model_config.lm_init)
-        tokenizer = Tokenizer.from_directory(model_config.lm_init)
-        if tokenizer is None:
-            raise ConfigError(f"model.lm_init={model_config.lm_init} has no tokenizer files")
+        lm = vlfm.load(model_config.lm_init)
+        if type(lm).__name__ != "LanguageModel" or lm.tokenizer is None:
+            raise ConfigError(f"model.lm_init={model_config.lm_init} is not a language model with a tokenizer (give a "
+                              "Hugging Face Llama / Qwen2 / SmolLM directory or a saved vlfm LanguageModel)")
+        tokenizer = lm.tokenizer
         model_config.lm = dataclasses.replace(lm.config)
         lm_state = lm.state_dict()
     else:
