@@ -19,6 +19,8 @@ from vlfm.eval.tasks import evaluate_task
 from vlfm.search import SearchIndex
 from vlfm.train import run
 
+VQA_FLOOR = 0.5  # set from the measured preset below
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["shapes-clip", "shapes-siglip", "shapes-lit", "shapes-glyphs"])
@@ -60,3 +62,19 @@ def search_precision(config, folder: Path, n: int) -> float:
         objects = [scenes[int(Path(hit.path).stem)].objects for hit in hits]
         precision.append(np.mean([any(o.colour == colour and o.shape == shape for o in objs) for objs in objects]))
     return float(np.mean(precision))
+
+
+@pytest.mark.slow
+def test_vlm_preset_answers_questions_about_new_scenes(tmp_path, capsys):
+    """`make demo-vlm`'s path: a shortened CLIP tower, then the assistant's stages 0-2 on top of it."""
+    tower = load_config("configs/shapes-clip.yaml", [f"output_dir={tmp_path}", "name=tower", "train.steps=2000",
+                                                     "train.eval_every=0", "train.save_every=0"])  # fmt: skip
+    run(tower)
+    config = load_config("configs/shapes-vlm.yaml", [f"output_dir={tmp_path}", "name=vlm",
+                                                     f"model.vision_init={tower.run_dir}"])  # fmt: skip
+    metrics = run(config)
+    assert metrics["vqa_acc"] >= VQA_FLOOR, metrics  # every question of 300 scenes never trained on
+    capsys.readouterr()
+    assert main(["chat", str(config.run_dir), "--scene", "1", "--save", str(tmp_path / "scene.png")]) == 0
+    right, total = capsys.readouterr().out.strip().splitlines()[-1].split()[0].split("/")
+    assert int(right) >= 0.75 * int(total)

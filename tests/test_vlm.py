@@ -1,6 +1,7 @@
 """The LLaVA-style assistant: projector, image-token splicing, stages (which parameters learn), LoRA,
 save/load, chat, the staged run and its CLI, bad input."""
 
+import io
 import json
 
 import pytest
@@ -149,7 +150,7 @@ def test_save_load_round_trip(tmp_path, model, images):
     assert loaded.chat(images[0], "hi", max_new_tokens=4) == model.chat(images[0], "hi", max_new_tokens=4)
 
 
-def test_staged_run_cli_chat_eval_and_stage_rerun(tmp_path, capsys):
+def test_staged_run_cli_chat_eval_and_stage_rerun(tmp_path, capsys, monkeypatch):
     config = tiny_vlm_config(tmp_path)
     metrics = run(config)
     run_dir = config.run_dir
@@ -164,6 +165,9 @@ def test_staged_run_cli_chat_eval_and_stage_rerun(tmp_path, capsys):
     assert main(["chat", str(run_dir), "--image", str(image), "--prompt", "how many shapes are there?"]) == 0
     answer = capsys.readouterr().out.strip()
     assert answer == vlfm.load(run_dir).chat(Image.open(image).convert("RGB"), "how many shapes are there?")
+    monkeypatch.setattr("sys.stdin", io.StringIO("how many shapes are there?\nwhat colour is the big shape?\n\n"))
+    assert main(["chat", str(run_dir), "--image", str(image)]) == 0  # interactive: one question per line
+    assert capsys.readouterr().out.count("assistant: ") == 2
     assert main(["chat", str(run_dir), "--scene", "3", "--save", str(tmp_path / "s.png")]) == 0
     transcript = capsys.readouterr().out
     assert (tmp_path / "s.png").is_file() and "you: how many shapes are there?" in transcript
@@ -205,3 +209,69 @@ def test_pretrained_lm_keeps_its_weights_and_gains_the_chat_tokens(tmp_path, mod
     model.save(tmp_path / "vlm")
     with pytest.raises(ConfigError, match="not a language model"):
         build_model(tiny_vlm_config(tmp_path, f"model.lm_init={tmp_path / 'vlm'}"))
+
+
+def test_loss_from_labelled_positions_equals_the_full_logits_loss(model, images):
+    from vlfm.data.chat import encode_conversation, expand_image_tokens
+    from vlfm.train.vlm import next_token_loss
+
+    conversation = [("user", "<image>\nhow many shapes are there?"), ("assistant", "two"), ("user", "is it big?"),
+                    ("assistant", "no")]  # fmt: skip
+    ids, labels = encode_conversation(conversation, model.tokenizer, model.template)
+    ids, labels = expand_image_tokens(ids, labels, model.config.image_token_id, model.image_tokens)
+    ids, labels = torch.tensor([ids]), torch.tensor([labels])
+    pixels, mask = model.preprocess(images[:1]), torch.ones_like(ids)
+    with torch.no_grad():
+        full = torch.nn.functional.cross_entropy(model(ids, pixels, mask)[0, :-1], labels[0, 1:], ignore_index=-100)
+        assert torch.allclose(next_token_loss(model, ids, labels, mask, pixels), full, atol=1e-6)
+    labelled = labels[labels != -100].tolist()
+    assert labelled.count(model.tokenizer.token_id("<|end|>")) == 2  # both replies end with the marker
+    assert model.tokenizer.decode(labelled).split() == ["two", "no"]
+
+
+def test_bf16_autocast_and_gradient_checkpointing_train_the_same_step(tmp_path, images):
+    from vlfm.train.loop import autocast_context
+    from vlfm.train.vlm import next_token_loss
+
+    torch.manual_seed(0)
+    model = build_model(tiny_vlm_config(tmp_path)).train()
+    set_trainable(model, 2, StageConfig(vision_lr=1e-4))
+    ids = torch.tensor([model.prompt_ids([("user", "<image>\nhow many shapes are there?")], images=1)] * 2)
+    labels = ids.clone()
+    pixels, mask = model.preprocess(images[:2]), torch.ones_like(ids)
+
+    def step(precision, checkpointing):
+        model.zero_grad()
+        model.set_grad_checkpointing(checkpointing)
+        with autocast_context(torch.device("cpu"), precision):
+            loss = next_token_loss(model, ids, labels, mask, pixels)
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    loss, grads = step("fp32", False)
+    ckpt_loss, ckpt_grads = step("fp32", True)
+    assert torch.allclose(loss, ckpt_loss) and torch.allclose(grads, ckpt_grads, atol=1e-6)
+    bf16_loss, bf16_grads = step("bf16", True)
+    assert abs(float(bf16_loss) - float(loss)) < 0.05 * float(loss) and torch.isfinite(bf16_grads).all()
+    assert torch.nn.functional.cosine_similarity(bf16_grads, grads, dim=0) > 0.98
+
+
+def test_training_on_a_llava_json_file_skips_and_counts_bad_records(tmp_path, images, caplog):
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    good = [{"image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nhow many shapes are there?"},
+                                                    {"from": "gpt", "value": "two"}]} for i in range(3)]  # fmt: skip
+    records = good + [{"image": "broken.png", "conversations": good[0]["conversations"]},  # undecodable
+                      {"image": "0.png"},  # no conversations
+                      {"conversations": [{"from": "human", "value": "a text-only turn"}, {"from": "gpt", "value": "ok"}]}]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    config = tiny_vlm_config(tmp_path, f"data.source={tmp_path / 'data.json'}", "stage0.steps=0")
+    with caplog.at_level("INFO", logger="vlfm"):
+        metrics = run(config)
+    assert metrics == {}  # VQA is the built-in world's benchmark; a JSON source has none
+    assert any("4 conversations, 3 images, 2 records skipped" in r.getMessage() for r in caplog.records)
+    assert (config.run_dir / "model" / "model.safetensors").is_file()
+    with pytest.raises(ConfigError, match="unknown role"):
+        (tmp_path / "bad.json").write_text(json.dumps([{"conversations": [{"from": "robot", "value": "hi"}]}]))
+        run(tiny_vlm_config(tmp_path, f"data.source={tmp_path / 'bad.json'}", "stage0.steps=0", name="bad"))

@@ -206,10 +206,25 @@ class TrainConfig:
     multi_positive: bool = True  # identical captions in a batch are positives of each other
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
     lock_text: bool = False  # LiT: the text tower (from model.text_init) stays frozen; only the image side learns
+    loss_chunk: int = 0  # > 0: the contrastive loss over blocks of this many texts (O(B x chunk) memory); 0: full matrix
+    gradcache: bool = False  # contrastive: grad_accum micro-batches share one loss over the whole batch (GradCache)
 
     def __post_init__(self):
         _check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        if self.gradcache and self.precision == "fp16":
+            raise ConfigError("train.gradcache=true does not take fp16's grad scaler; use bf16 or fp32")
         self.betas = tuple(self.betas)
+
+
+@dataclass
+class DistributedConfig:
+    """How a run launched with torchrun shares the work (ignored in a single process)."""
+
+    strategy: str = "ddp"  # ddp: every rank holds the whole model | fsdp: FSDP2, parameters sharded over ranks
+    local_loss: bool = False  # CLIP: each rank computes only its rows' loss against the global batch
+
+    def __post_init__(self):
+        _check_choice("distributed.strategy", self.strategy, ("ddp", "fsdp"))
 
 
 @dataclass
@@ -220,6 +235,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
     def run_dir(self) -> Path:

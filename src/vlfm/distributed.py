@@ -122,3 +122,98 @@ def _exchange(tensor: torch.Tensor, forward: bool) -> torch.Tensor:
 def ring_shift(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor of rank - 1 (differentiable); after k shifts a rank holds the rows of rank - k."""
     return _RingShift.apply(tensor)
+
+
+# --- model wrapping and full-state checkpoints -----------------------------------------------------------------
+def wrap_model(model: torch.nn.Module, strategy: str | None, precision: str = "fp32") -> torch.nn.Module:
+    """The module a training step runs: DDP around the model, or the model sharded in place with FSDP2 (each
+    transformer block, then the root), or the model itself in a single process (strategy None)."""
+    if strategy is None:
+        return model
+    device = next(model.parameters()).device
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else MixedPrecisionPolicy()
+    for module in model.modules():
+        if hasattr(module, "blocks") and isinstance(module.blocks, torch.nn.ModuleList):
+            for block in module.blocks:
+                fully_shard(block, mp_policy=policy)
+    # FSDP2 shards no scalar (the logit scale and bias): they stay whole on every rank (average_replicated_gradients)
+    fully_shard(model, mp_policy=policy, ignored_params={p for p in model.parameters() if p.dim() == 0})
+    for method in ("encode_image", "encode_text"):  # evaluation calls these, not forward: they must gather too
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
+    return model
+
+
+class _FullState:
+    """A model or optimizer whose state_dict() is the gathered full one: checkpoint.py writes it unchanged."""
+
+    def __init__(self, owner, state: dict):
+        self._owner, self._state = owner, state
+
+    def __getattr__(self, name):
+        return getattr(self._owner, name)
+
+    def state_dict(self) -> dict:
+        return self._state
+
+
+def _parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's order: a full optimizer state is keyed by name, a checkpoint by index."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, sharded: bool):
+    """(model, optimizer) as checkpoint.py saves them. Sharded: every rank must call (a collective); rank 0 gets
+    the full state on the CPU, in the single-process layout, so any world size (or one process) resumes it."""
+    if not sharded:
+        return model, optimizer
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    if optimizer is None:
+        return _FullState(model, model_state), None
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    index = {name: i for i, name in enumerate(_parameter_names(model, optimizer))}
+    indexed = {"state": {index[name]: value for name, value in optimizer_state.get("state", {}).items()},
+               "param_groups": [dict(g, params=[index[name] for name in g["params"]])
+                                for g in optimizer_state.get("param_groups", [])]}
+    return _FullState(model, model_state), _FullState(optimizer, indexed)
+
+
+def load_sharded_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                           groups: list[dict]) -> None:
+    """Load a checkpoint's optimizer (tensors named `INDEX.NAME`, param groups holding indices) into the
+    optimizer of a sharded model; each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _parameter_names(model, optimizer)
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(names[int(index)], {})[name] = value
+    groups = [dict(g, params=[names[i] for i in g["params"]], betas=tuple(g["betas"])) for g in groups]
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def average_gradients(module: torch.nn.Module, replicated_only: bool = False) -> None:
+    """DDP's gradient averaging, for a step whose backward ran outside DDP's forward (GradCache); replicated_only:
+    only the parameters FSDP left whole (plain tensors among its sharded DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    for param in module.parameters():
+        if param.grad is not None and not (replicated_only and isinstance(param, DTensor)):
+            dist.all_reduce(param.grad)
+            param.grad /= world_size()

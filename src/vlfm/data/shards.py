@@ -3,6 +3,8 @@
 A sample is `KEY.png|jpg|...` (the original encoded bytes) + `KEY.txt` (the caption). Images that do not decode
 or exceed `max_pixels` are skipped and counted, when writing and when reading; nothing sleeps or retries.
 A shard source is a .tar file, a directory of .tar files, or a brace pattern (`shards/part-{000..009}.tar`).
+A truncated or unreadable shard ends where it breaks (the samples before the break are kept) and is counted;
+reading goes on with the next shard.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ IMAGE_KEYS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
 class Skipped:
     undecodable: list[str] = field(default_factory=list)
     oversized: list[str] = field(default_factory=list)
+    broken_shards: list[str] = field(default_factory=list)  # truncated or unreadable tar files (not images)
 
     def __len__(self) -> int:
         return len(self.undecodable) + len(self.oversized)
@@ -35,6 +38,9 @@ class Skipped:
         for kind, names in (("undecodable", self.undecodable), ("oversized", self.oversized)):
             if names:
                 log.warning("%s: skipped %d %s image(s), e.g. %s", what, len(names), kind, names[0])
+        if self.broken_shards:
+            log.warning("%s: %d truncated or unreadable shard(s) read up to the break, e.g. %s", what,
+                        len(self.broken_shards), self.broken_shards[0])
 
 
 def check_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image | str:
@@ -110,7 +116,12 @@ def read_shards(source: str | Path, max_pixels: int = MAX_PIXELS, skipped: Skipp
     import webdataset as wds
 
     skipped = skipped if skipped is not None else Skipped()
-    for sample in wds.WebDataset(shard_urls(source), shardshuffle=False, empty_check=False):
+
+    def broken_shard(error: Exception) -> bool:  # webdataset's handler protocol: True = go on with the next shard
+        skipped.broken_shards.append(str(error))
+        return True
+
+    for sample in wds.WebDataset(shard_urls(source), shardshuffle=False, empty_check=False, handler=broken_shard):
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         name = f"{sample.get('__url__', '')}:{sample['__key__']}"
         checked = check_image(sample[key], max_pixels) if key else "undecodable"

@@ -164,8 +164,10 @@ class LanguageModel(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache: KVCache | None = None,
-                position_ids=None) -> torch.Tensor:
-        """Logits (B, L, vocab) for the new tokens; `attention_mask` (B, past + L) covers cached and new ones."""
+                position_ids=None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, vocab) for the new tokens; `attention_mask` (B, past + L) covers cached and new ones.
+        `logits_at` (B, L) bool: only those positions' logits, (N, vocab) in reading order. Training needs
+        them where a label is, and the (B, L, vocab) tensor is the largest activation of a big-vocabulary LM."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, L, width)
@@ -185,7 +187,8 @@ class LanguageModel(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, rotary, mask, causal, use_reentrant=False)
             else:
                 x = block(x, rotary, mask, causal, cache, layer)
-        return F.linear(self.norm(x), self.output_weight)
+        x = self.norm(x)
+        return F.linear(x if logits_at is None else x[logits_at], self.output_weight)
 
     @staticmethod
     def _positions(attention_mask, b: int, past: int, n: int, device) -> torch.Tensor:

@@ -83,9 +83,9 @@ class VisionLanguageModel(nn.Module):
         return embeds.masked_scatter(is_image.unsqueeze(-1), features.reshape(-1, features.shape[-1]))
 
     def forward(self, input_ids: torch.Tensor, pixels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-        """Next-token logits (B, L, vocab)."""
-        return self.lm(inputs_embeds=self.embed(input_ids, pixels), attention_mask=attention_mask)
+                attention_mask: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """Next-token logits (B, L, vocab), or (N, vocab) at the `logits_at` positions (LanguageModel.forward)."""
+        return self.lm(inputs_embeds=self.embed(input_ids, pixels), attention_mask=attention_mask, logits_at=logits_at)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixels: torch.Tensor | None = None,

@@ -1,4 +1,7 @@
-"""The two-tower task: data in memory (rendered world or a caption file), tokenizer, model, loss, evaluation."""
+"""The two-tower task: data in memory (rendered world or a caption file), tokenizer, model, loss, evaluation.
+
+Under torchrun each rank takes its slice of every global batch and the loss spans the global batch (features
+gathered across ranks, caption ids as keys so repeated captions stay positives across ranks)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vlfm import distributed
 from vlfm.checkpoint import load_state_strict
 from vlfm.config import ConfigError, RunConfig
 from vlfm.data.shapes import ShapesWorld, captions, render_many
@@ -18,9 +22,17 @@ from vlfm.data.sources import ImageTextData, load_image_text, read_caption_file
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess, to_uint8_tensor
 from vlfm.eval.world import WorldBenchmark
-from vlfm.losses import clip_loss, siglip_loss
+from vlfm.losses import (
+    clip_loss,
+    clip_loss_chunked,
+    clip_loss_distributed,
+    siglip_loss,
+    siglip_loss_chunked,
+    siglip_loss_distributed,
+)
 from vlfm.models.two_tower import TwoTowerModel
-from vlfm.train.loop import EpochSampler
+from vlfm.train.gradcache import gradcache_step
+from vlfm.train.loop import EpochSampler, autocast_context
 
 log = logging.getLogger("vlfm")
 
@@ -41,8 +53,10 @@ def load_training_data(config: RunConfig, preprocess: Preprocess) -> ImageTextDa
 
 class ContrastiveTask:
     def __init__(self, config: RunConfig, device: torch.device, tokenizer: Tokenizer | None = None):
+        check_parallel_config(config)
         self.config = config
         self.device = device
+        self.local_rows = distributed.local_batch_size(config.train.batch_size)
         self.preprocess = Preprocess(image_size=config.model.vision.image_size)
         self.data = load_training_data(config, self.preprocess)
         log.info("training data: %d images (%d skipped as undecodable)", len(self.data), self.data.skipped)
@@ -63,6 +77,9 @@ class ContrastiveTask:
         if pretrained is not None:
             load_state_strict(self.model.text, pretrained.text.state_dict(), f"model.text_init={config.model.text_init}")
         self.model.set_grad_checkpointing(config.train.grad_checkpointing)
+        self.train_model = self.model  # the loop replaces it with the DDP wrapper or the sharded model
+        if config.train.gradcache:
+            self.step_backward = self.gradcache_backward  # the loop then leaves the backward to this task
 
         # Tokenize each distinct caption once; a training step only indexes into these tensors.
         vocabulary = {c: i for i, c in enumerate(dict.fromkeys(all_captions))}
@@ -116,39 +133,94 @@ class ContrastiveTask:
         return self.config.train.batch_size
 
     def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        """The micro-batch at a data position: a pure function of (seed, step, micro), so resume is exact."""
-        train = self.config.train
-        indices = self.sampler(step, micro)
-        generator = torch.Generator().manual_seed((train.seed * 1_000_003 + step) * 64 + micro)
-        pick = (torch.rand(len(indices), generator=generator) * self.caption_counts[indices]).long()
+        """This rank's slice of the micro-batch at a data position: a pure function of (seed, position), so resume
+        is exact and the global batch is the same whatever the world size or micro-batch split."""
+        train, me = self.config.train, distributed.rank()
+        mine = slice(me * self.local_rows, (me + 1) * self.local_rows)
+        positions = self.sampler.positions(step, micro)[mine]
+        indices = self.sampler.indices(positions)
+        # The step's caption draws come from one generator, so they do not depend on how the step is cut.
+        generator = torch.Generator().manual_seed((train.seed * 1_000_003 + step) * 64)
+        draws = torch.rand(train.grad_accum, train.batch_size, generator=generator)[micro, mine]
+        pick = (draws * self.caption_counts[indices]).long()
         caption = self.flat_captions[self.caption_offsets[indices] + pick]
         images = self.data.images[indices]
-        if self.config.data.augment:
-            rng = random.Random(int(generator.initial_seed()))
-            images = to_uint8_tensor([self.preprocess.random_resized_crop(_to_pil(img), rng) for img in images])
+        if self.config.data.augment:  # a crop per sample position: every rank and every sample draws its own
+            crop = self.preprocess.random_resized_crop
+            images = to_uint8_tensor([crop(_to_pil(img), random.Random(f"{train.seed}/{p}")) for img, p in zip(images, positions.tolist())])
         mask = self.caption_mask[caption]
         length = int(mask.sum(dim=1).max())  # trim shared padding: text cost follows the longest caption
         return {"images": images, "input_ids": self.caption_ids[caption, :length], "attention_mask": mask[:, :length],
                 "caption": caption}
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        device = self.device
-        pixels = self.preprocess.normalize(batch["images"].to(device, non_blocking=True))
         if self.text_features is not None:
-            image = F.normalize(self.model.encode_image(pixels), dim=-1)
-            text, scale, bias = self.text_features[batch["caption"].to(device)], self.model.logit_scale.exp(), self.model.logit_bias
+            image, text = self._encode_image(batch), self._encode_text(batch)
+            scale, bias = self.model.logit_scale.exp(), self.model.logit_bias
         else:
-            image, text, scale, bias = self.model(pixels, batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        positives = None
-        if self.config.train.multi_positive:
-            caption = batch["caption"].to(device)
-            positives = caption[:, None] == caption[None, :]
-        image, text = image.float(), text.float()
-        if bias is None:
-            loss = clip_loss(image, text, scale.float(), positives)
-            return loss, {"loss": loss.item(), "logit_scale": scale.item()}
-        loss = siglip_loss(image, text, scale.float(), bias.float(), positives)
-        return loss, {"loss": loss.item(), "logit_scale": scale.item(), "logit_bias": bias.item()}
+            pixels = self.preprocess.normalize(batch["images"].to(self.device, non_blocking=True))
+            image, text, scale, bias = self.train_model(pixels, batch["input_ids"].to(self.device),
+                                                        batch["attention_mask"].to(self.device))
+        loss = self.contrastive_loss(image, text, scale, bias, self._keys([batch]))
+        return loss, self._info(loss, scale, bias)
+
+    def gradcache_backward(self, step: int) -> dict[str, float]:
+        """One optimizer step's gradients over all grad_accum micro-batches as one batch (GradCache): the loss
+        sees every negative of the step, activations are held one micro-batch at a time."""
+        batches = [self.batch(step, micro) for micro in range(self.config.train.grad_accum)]
+        keys = self._keys(batches)
+
+        def loss_fn(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+            return self.contrastive_loss(image, text, self.model.logit_scale.exp(), self.model.logit_bias, keys)
+
+        loss = gradcache_step(self._encode_image, self._encode_text, batches, batches, loss_fn)
+        if distributed.world_size() > 1:  # the encoders ran outside DDP's forward: average as DDP would
+            distributed.average_gradients(self.model)
+        return self._info(loss, self.model.logit_scale.exp(), self.model.logit_bias)
+
+    def _encode_image(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        pixels = self.preprocess.normalize(batch["images"].to(self.device, non_blocking=True))
+        with autocast_context(self.device, self.config.train.precision):
+            return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+
+    def _encode_text(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.text_features is not None:
+            return self.text_features[batch["caption"].to(self.device)]
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        with autocast_context(self.device, self.config.train.precision):
+            return F.normalize(self.model.encode_text(ids, mask).float(), dim=-1)
+
+    def _keys(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
+        """Caption ids: equal ids are positives of each other (None: only the diagonal)."""
+        return torch.cat([b["caption"] for b in batches]).to(self.device) if self.config.train.multi_positive else None
+
+    def contrastive_loss(self, image, text, scale, bias, keys) -> torch.Tensor:
+        """The kind's loss over the global batch: gathered across ranks under torchrun, in blocks of texts with
+        train.loss_chunk, else over the full similarity matrix."""
+        image, text, scale = image.float(), text.float(), scale.float()
+        bias = None if bias is None else bias.float()
+        chunk = self.config.train.loss_chunk or None
+        if distributed.world_size() > 1:
+            if bias is None:
+                return clip_loss_distributed(image, text, scale, keys, local_loss=self.config.distributed.local_loss,
+                                             chunk_size=chunk)
+            return siglip_loss_distributed(image, text, scale, bias, keys)
+        if chunk:
+            if bias is None:
+                return clip_loss_chunked(image, text, scale, keys, chunk_size=chunk)
+            return siglip_loss_chunked(image, text, scale, bias, keys, chunk_size=chunk)
+        return clip_loss(image, text, scale, keys=keys) if bias is None else siglip_loss(image, text, scale, bias, keys=keys)
+
+    @staticmethod
+    def _info(loss: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> dict[str, float]:
+        """Logged values; the loss averaged over ranks (a rank's part of a local or ring loss is not the whole)."""
+        value = loss.detach()
+        if distributed.world_size() > 1:
+            value = distributed.all_gather(value.reshape(1)).mean()
+        info = {"loss": value.item(), "logit_scale": scale.item()}
+        if bias is not None:
+            info["logit_bias"] = bias.item()
+        return info
 
     def after_step(self) -> None:
         if self.config.model.kind == "clip":
@@ -156,6 +228,18 @@ class ContrastiveTask:
 
     def evaluate(self) -> dict[str, float]:
         return self.benchmark.evaluate(self.model) if self.benchmark else {}
+
+
+def check_parallel_config(config: RunConfig) -> None:
+    """Refuse combinations that the distributed paths do not take, before any data is built."""
+    train, parallel = config.train, config.distributed
+    if parallel.local_loss and train.loss_chunk:
+        raise ConfigError("distributed.local_loss already holds only local x global logits; set train.loss_chunk=0")
+    if distributed.world_size() > 1:
+        if train.lock_text and not train.gradcache:
+            raise ConfigError("train.lock_text under torchrun needs train.gradcache=true (its step syncs gradients itself)")
+        if train.gradcache and parallel.strategy == "fsdp":
+            raise ConfigError("train.gradcache=true runs with distributed.strategy=ddp, not fsdp")
 
 
 def _to_pil(pixels: torch.Tensor) -> Image.Image:

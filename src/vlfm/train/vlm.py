@@ -150,7 +150,10 @@ def stage_examples(model: VisionLanguageModel, config: VLMRunConfig, stage: int)
 
 def llava_pairs(path: str, image_root: str | None, preprocess: Preprocess):
     """(image row, conversation) pairs from a LLaVA JSON file; undecodable images are skipped and counted."""
-    records, skipped = read_llava_json(path, image_root)
+    try:
+        records, skipped = read_llava_json(path, image_root)
+    except (ValueError, FileNotFoundError) as error:  # an unknown role, a file that is not JSON, no records
+        raise ConfigError(f"data.source={path}: {error}") from None
     images, pairs, rows = [], [], {}
     for record in records:
         row = -1
@@ -201,12 +204,8 @@ class VLMTask:
         pixels = batch["pixels"]
         if pixels is not None:
             pixels = self.model.preprocess_config.normalize(pixels.to(self.device))
-        ids, mask = batch["ids"].to(self.device), batch["mask"].to(self.device)
-        if self.stage == 0:  # text only: a literal, unexpanded image placeholder is just a token here
-            logits = self.model.lm(input_ids=ids, attention_mask=mask)
-        else:
-            logits = self.model(ids, pixels, mask)
-        loss = next_token_loss(logits, batch["labels"].to(self.device))
+        ids, mask, labels = batch["ids"].to(self.device), batch["mask"].to(self.device), batch["labels"].to(self.device)
+        loss = next_token_loss(self.model, ids, labels, mask, pixels, text_only=self.stage == 0)
         return loss, {"loss": loss.item()}
 
     def after_step(self) -> None:
@@ -216,9 +215,18 @@ class VLMTask:
         return self._evaluate(self.model) if self._evaluate else {}
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting token t+1 at position t, over the labelled (not -100) targets."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+def next_token_loss(model: VisionLanguageModel, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                    pixels: torch.Tensor | None = None, text_only: bool = False) -> torch.Tensor:  # fmt: skip
+    """Mean cross-entropy of token t + 1 predicted at position t, over the labelled targets. Logits are computed
+    only at those positions (with a 32k vocabulary they are the largest tensor of a step). `text_only`: the LM
+    alone; a literal, unexpanded image placeholder is then just a token (stage 0)."""
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)
+    where = targets != IGNORE
+    if text_only:
+        logits = model.lm(input_ids=ids, attention_mask=mask, logits_at=where)
+    else:
+        logits = model(ids, pixels, mask, logits_at=where)
+    return F.cross_entropy(logits.float(), targets[where])
 
 
 def stage_train_config(config: VLMRunConfig, stage: int):
