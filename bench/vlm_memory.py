@@ -26,7 +26,7 @@ start: gradients, AdamW state, activations, logits and temporaries. "grads+AdamW
 3 x the trainable parameters' bytes (gradient, exp_avg, exp_avg_sq). tokens/s counts every position of the
 batch (image tokens included) over the `--steps` timed steps. The numbers are printed only.
 
-    .venv/bin/python bench/vlm_memory.py --device cpu     # about 4 minutes on 2 shared cores
+    .venv/bin/python bench/vlm_memory.py --device cpu     # about 6 minutes on 2 cores (make bench-vlm)
     python bench/vlm_memory.py --device cuda --precision bf16 --batch-size 16 --seq-len 1024 --steps 10
 """
 
@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, fp32 weights")
     parser.add_argument("--steps", type=int, default=1, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1: allocates AdamW state)")
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per row, the image's included")
     parser.add_argument("--width", type=int, default=1024, help="LM width (a multiple of 64)")
     parser.add_argument("--layers", type=int, default=12, help="LM blocks")

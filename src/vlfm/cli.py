@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -142,8 +143,10 @@ def cmd_train(args) -> None:
     config = load_config(args.config, args.override)
     if args.stage is not None and config.task != "vlm":
         raise UsageError("--stage is for VLM runs (task: vlm)")
-    print_json(run(config, resume=args.resume, stage=args.stage))
-    print(f"run directory: {config.run_dir}")
+    metrics = run(config, resume=args.resume, stage=args.stage)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        print_json(metrics)
+        print(f"run directory: {config.run_dir}")
 
 
 def cmd_eval(args) -> None:

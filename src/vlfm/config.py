@@ -149,6 +149,9 @@ class VLMConfig:
     projector: str = "mlp2x_gelu"  # linear | mlp2x_gelu (LLaVA-1.5) | pixel_shuffle (fewer image tokens)
     shuffle_factor: int = 2  # pixel_shuffle: merge factor x factor neighbouring tokens into one
     feature_layer: int = -2  # which block's output feeds the projector (-1: the last; LLaVA uses -2)
+    # A learned embedding per image-token position, added after the projector and trained with it (LLaVA has
+    # none). Measured on the built-in world: it did not lift position / relation questions off chance by step 500.
+    image_pos_embed: bool = False
     image_token: str = "<image>"
     image_token_id: int | None = None  # set when the tokenizer gets the image token
     template: str = "vlfm"  # the chat template (data/chat.py): vlfm | chatml

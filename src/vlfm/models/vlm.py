@@ -32,6 +32,8 @@ class VisionLanguageModel(nn.Module):
         self.vision = VisionTransformer(config.vision)  # no output projection: the projector reads token states
         self.projector = Projector(config.projector, config.vision.width, config.lm.width, config.shuffle_factor)
         self.lm = LanguageModel(config.lm)
+        tokens = self.projector.tokens_out(self.vision.grid**2)
+        self.image_pos = nn.Parameter(torch.randn(1, tokens, config.lm.width) * 0.02) if config.image_pos_embed else None
         self.tokenizer = tokenizer
         self.preprocess_config = preprocess or Preprocess(image_size=config.vision.image_size)
 
@@ -65,7 +67,8 @@ class VisionLanguageModel(nn.Module):
         states = self.vision.hidden_states(pixels, self.config.feature_layer)
         if self.config.vision.class_token:
             states = states[:, 1:]
-        return self.projector(states)
+        features = self.projector(states)
+        return features + self.image_pos.to(features.dtype) if self.image_pos is not None else features
 
     def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
         """LM input embeddings with image features in place of the image tokens (image i fills the i-th run of

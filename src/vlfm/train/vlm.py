@@ -241,6 +241,8 @@ def set_trainable(model: VisionLanguageModel, stage: int, s: StageConfig) -> dic
         model.lm.requires_grad_(True)
         return {}
     model.projector.requires_grad_(True)
+    if model.image_pos is not None:
+        model.image_pos.requires_grad_(True)
     if stage == 2:
         if s.lora_rank:
             add_lora(model, s)
