@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="data tools: shard (write WebDataset shards)")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="shard")
     d = dsub.add_parser("shard", help="write image + caption pairs into WebDataset .tar shards")
-    d.add_argument("source", help="a folder of images (captions from same-named .txt files) or a caption file")
+    d.add_argument("source", nargs="?", help="a folder of images (captions from same-named .txt files) or a caption file")
+    d.add_argument("--world", type=int, metavar="N", help="instead of SOURCE: N scenes of the built-in world, one caption each")
+    d.add_argument("--image-size", type=int, default=64, help="--world: image size in pixels")
     d.add_argument("--out", required=True, help="directory for shard-000000.tar, ...")
     d.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
     d.add_argument("--max-pixels", type=int, default=50_000_000, help="larger images are skipped as oversized")
@@ -303,13 +305,18 @@ def cmd_convert(args) -> None:
 
 
 def cmd_data(args) -> None:
-    from vlfm.data.shards import folder_items, write_shards
+    from vlfm.data.shards import folder_items, write_shards, write_world_shards
     from vlfm.data.sources import read_caption_file
 
-    source = Path(args.source)
+    if (args.source is None) == (args.world is None):
+        raise UsageError("give a SOURCE (image folder or caption file) or --world N, not both")
     try:
-        items = folder_items(source) if source.is_dir() else read_caption_file(source)
-        stats = write_shards(items, args.out, args.maxcount, args.max_pixels)
+        if args.world is not None:
+            stats = write_world_shards(args.world, args.out, args.maxcount, args.image_size)
+        else:
+            source = Path(args.source)
+            items = folder_items(source) if source.is_dir() else read_caption_file(source)
+            stats = write_shards(items, args.out, args.maxcount, args.max_pixels)
     except (ValueError, FileExistsError) as error:
         raise UsageError(str(error)) from None
     print(json.dumps({k: v for k, v in stats.items() if k != "shards"}))

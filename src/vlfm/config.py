@@ -183,7 +183,19 @@ class DataConfig:
     augment: bool = False  # random resized crop (+ flip when allowed); off for shapes: it breaks "left of"
     caption_column: str = "caption"
     image_column: str = "filepath"
-    workers: int = 2
+    workers: int = 2  # processes that render the world, or that read and decode a stream's shards (0: in-process)
+    # Shards only: stream them (data/stream.py) instead of decoding every sample into memory. Each rank and each
+    # worker reads its own shards, forever, epoch after epoch; the position is part of the training checkpoint,
+    # and --resume needs the same torchrun size, data.workers and train.batch_size.
+    stream: bool = False
+    shuffle_buffer: int = 1000  # stream: samples shuffled in a seeded buffer (per reader and epoch); <= 1: no shuffle
+
+    def __post_init__(self):
+        if self.stream and (self.source == "shapes" or Path(self.source).suffix in (".csv", ".tsv", ".jsonl", ".json")):
+            raise ConfigError(f"data.stream=true reads WebDataset shards, but data.source={self.source!r} is not shards; "
+                              "write some with `vlfm data shard` and point data.source at them, or set data.stream=false")
+        if self.workers < 0:
+            raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""The two-tower task: data in memory (rendered world or a caption file), tokenizer, model, loss, evaluation.
+"""The two-tower task: data in memory (rendered world, a caption file, shards) or streamed from shards
+(data.stream), tokenizer, model, loss, evaluation.
 
-Under torchrun each rank takes its slice of every global batch and the loss spans the global batch (features
-gathered across ranks, caption ids as keys so repeated captions stay positives across ranks)."""
+Under torchrun each rank takes its slice of every global batch (a stream: its own batches from its own shards)
+and the loss spans the global batch (features gathered across ranks, caption ids, or for a stream a hash of the
+caption text, as keys so repeated captions stay positives across ranks)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from vlfm.config import ConfigError, RunConfig
 from vlfm.data.shapes import ShapesWorld, captions, render_many
 from vlfm.data.shards import is_shard_source, load_shards
 from vlfm.data.sources import ImageTextData, load_image_text, read_caption_file
+from vlfm.data.stream import ShardBatches, tokenize_batch
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess, to_uint8_tensor
 from vlfm.eval.world import WorldBenchmark
@@ -58,9 +61,18 @@ class ContrastiveTask:
         self.device = device
         self.local_rows = distributed.local_batch_size(config.train.batch_size)
         self.preprocess = Preprocess(image_size=config.model.vision.image_size)
-        self.data = load_training_data(config, self.preprocess)
-        log.info("training data: %d images (%d skipped as undecodable)", len(self.data), self.data.skipped)
-        all_captions = [c for caps in self.data.captions for c in caps]
+        self.stream = None
+        if config.data.stream:  # batches come from the stream in order; a new tokenizer learns its first captions
+            data, train = config.data, config.train
+            self.stream = ShardBatches(data.source, self.preprocess, self.local_rows, train.seed, data.workers,
+                                       data.shuffle_buffer, data.augment)  # fmt: skip
+            needed = tokenizer is None and not config.model.text_init
+            all_captions = self.stream.first_captions() if needed else []
+            log.info("streaming %d shard(s) from %s", len(self.stream.urls), data.source)
+        else:
+            self.data = load_training_data(config, self.preprocess)
+            log.info("training data: %d images (%d skipped as undecodable)", len(self.data), self.data.skipped)
+            all_captions = [c for caps in self.data.captions for c in caps]
         pretrained = self._pretrained_text(config) if config.model.text_init else None
         if pretrained is not None:
             tokenizer = pretrained.tokenizer
@@ -73,6 +85,7 @@ class ContrastiveTask:
                 raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.text.vocab_size is "
                                   f"{config.model.text.vocab_size}; raise model.text.vocab_size")
             config.model.text.eos_token_id, config.model.text.pad_token_id = tokenizer.eos_id, tokenizer.pad_id
+        self.tokenizer = tokenizer
         self.model = TwoTowerModel(config.model, tokenizer, self.preprocess).to(device)
         if pretrained is not None:
             load_state_strict(self.model.text, pretrained.text.state_dict(), f"model.text_init={config.model.text_init}")
@@ -80,12 +93,20 @@ class ContrastiveTask:
         self.train_model = self.model  # the loop replaces it with the DDP wrapper or the sharded model
         if config.train.gradcache:
             self.step_backward = self.gradcache_backward  # the loop then leaves the backward to this task
+        self.text_features: torch.Tensor | None = None  # LiT: every caption's features, embedded once
+        self.benchmark = None
+        if config.data.source == "shapes" and (config.data.classify_size or config.data.eval_size):
+            self.benchmark = WorldBenchmark(config.data.world, config.data.classify_size, config.data.eval_size,
+                                            workers=config.data.workers)
+        if self.stream is None:
+            self._index_captions(all_captions)
 
-        # Tokenize each distinct caption once; a training step only indexes into these tensors.
+    def _index_captions(self, all_captions: list[str]) -> None:
+        """In-memory data: tokenize each distinct caption once; a training step only indexes these tensors."""
+        config, tokenizer = self.config, self.tokenizer
         vocabulary = {c: i for i, c in enumerate(dict.fromkeys(all_captions))}
         text = config.model.text
         self.caption_ids, self.caption_mask = tokenizer(list(vocabulary), text.context_length, pad_to_context=text.pool == "end")
-        self.text_features = None
         if config.train.lock_text:  # LiT: the text side never changes, so every caption is embedded once
             self.model.text.requires_grad_(False)
             self.text_features = self._embed_captions()
@@ -96,10 +117,6 @@ class ContrastiveTask:
         self.caption_counts = torch.tensor(counts)
         self.caption_offsets = torch.cumsum(torch.tensor([0] + counts[:-1]), 0)
         self.sampler = EpochSampler(len(self.data), config.train)
-        self.benchmark = None
-        if config.data.source == "shapes" and (config.data.classify_size or config.data.eval_size):
-            self.benchmark = WorldBenchmark(config.data.world, config.data.classify_size, config.data.eval_size,
-                                            workers=config.data.workers)
 
     @staticmethod
     def _pretrained_text(config: RunConfig):
@@ -134,8 +151,13 @@ class ContrastiveTask:
 
     def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         """This rank's slice of the micro-batch at a data position: a pure function of (seed, position), so resume
-        is exact and the global batch is the same whatever the world size or micro-batch split."""
+        is exact and the global batch is the same whatever the world size or micro-batch split. A stream gives
+        its next batch (resume restores its position: data_state)."""
         train, me = self.config.train, distributed.rank()
+        if self.stream is not None:
+            text = self.config.model.text
+            batch = self.stream.next(step * train.grad_accum + micro)
+            return tokenize_batch(batch, self.tokenizer, text.context_length, pad_to_context=text.pool == "end")
         mine = slice(me * self.local_rows, (me + 1) * self.local_rows)
         positions = self.sampler.positions(step, micro)[mine]
         indices = self.sampler.indices(positions)
@@ -152,6 +174,17 @@ class ContrastiveTask:
         length = int(mask.sum(dim=1).max())  # trim shared padding: text cost follows the longest caption
         return {"images": images, "input_ids": self.caption_ids[caption, :length], "attention_mask": mask[:, :length],
                 "caption": caption}
+
+    def data_state(self) -> dict | None:
+        """The stream's position for the training checkpoint (None: in-memory data, whose position is the step)."""
+        return self.stream.state() if self.stream is not None else None
+
+    def load_data_state(self, state: dict | None) -> None:
+        if (state is None) != (self.stream is None):
+            raise ConfigError(f"the checkpoint was trained with data.stream={str(state is not None).lower()}; resume "
+                              "with the same data.stream setting")  # fmt: skip
+        if self.stream is not None:
+            self.stream.load_state(state)
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         if self.text_features is not None:
@@ -211,13 +244,17 @@ class ContrastiveTask:
             return siglip_loss_chunked(image, text, scale, bias, keys, chunk_size=chunk)
         return clip_loss(image, text, scale, keys=keys) if bias is None else siglip_loss(image, text, scale, bias, keys=keys)
 
-    @staticmethod
-    def _info(loss: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> dict[str, float]:
-        """Logged values; the loss averaged over ranks (a rank's part of a local or ring loss is not the whole)."""
-        value = loss.detach()
+    def _info(self, loss: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> dict[str, float]:
+        """Logged values; the loss averaged over ranks (a rank's part of a local or ring loss is not the whole),
+        and with a stream the images skipped so far, summed over ranks."""
+        skipped = float(self.stream.skipped()) if self.stream is not None else 0.0
+        values = torch.tensor([loss.item(), skipped], dtype=torch.float64, device=loss.device)  # counts stay exact
         if distributed.world_size() > 1:
-            value = distributed.all_gather(value.reshape(1)).mean()
-        info = {"loss": value.item(), "logit_scale": scale.item()}
+            gathered = distributed.all_gather(values.reshape(1, 2))
+            values = torch.stack([gathered[:, 0].mean(), gathered[:, 1].sum()])
+        info = {"loss": values[0].item(), "logit_scale": scale.item()}
+        if self.stream is not None:
+            info["skipped"] = int(values[1].item())
         if bias is not None:
             info["logit_bias"] = bias.item()
         return info
@@ -231,7 +268,7 @@ class ContrastiveTask:
 
 
 def check_parallel_config(config: RunConfig) -> None:
-    """Refuse combinations that the distributed paths do not take, before any data is built."""
+    """Refuse combinations that the task (or its distributed paths) does not take, before any data is built."""
     train, parallel = config.train, config.distributed
     if parallel.local_loss and train.loss_chunk:
         raise ConfigError("distributed.local_loss already holds only local x global logits; set train.loss_chunk=0")
@@ -240,6 +277,9 @@ def check_parallel_config(config: RunConfig) -> None:
             raise ConfigError("train.lock_text under torchrun needs train.gradcache=true (its step syncs gradients itself)")
         if train.gradcache and parallel.strategy == "fsdp":
             raise ConfigError("train.gradcache=true runs with distributed.strategy=ddp, not fsdp")
+    if train.lock_text and config.data.stream:
+        raise ConfigError("train.lock_text embeds every caption once before training; it does not take "
+                          "data.stream=true (set data.stream=false to load the shards into memory)")
 
 
 def _to_pil(pixels: torch.Tensor) -> Image.Image:

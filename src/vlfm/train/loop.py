@@ -3,7 +3,8 @@ periodic evaluation and checkpoints, resume, a progress bar and metrics.jsonl.
 
 A task supplies the model, the micro-batch for a given (step, micro-step) — deterministic, so the data
 position is just the step — the loss, and an evaluation. Because batches derive from the step, a run killed
-and resumed sees exactly the batches an uninterrupted run sees.
+and resumed sees exactly the batches an uninterrupted run sees. A task whose data has a position of its own (a
+stream) adds `data_state()` / `load_data_state(state)`: the checkpoint's train_state.json carries it as "data".
 
 Under torchrun the same loop runs on every rank (DDP or FSDP2): checkpoints are gathered into the single-process
 format, so a run resumes with any number of processes.
@@ -42,7 +43,9 @@ log = logging.getLogger("vlfm")
 class Task(Protocol):
     """What the loop trains. Optional: `lr_mults` (see parameter_groups), `train_model` (set by the loop: the
     module a step runs, DDP's wrapper under torchrun) and `step_backward(step) -> info`, which a task that runs
-    its own backward for a whole step (GradCache) defines instead of the loop's per-micro-batch loss/backward."""
+    its own backward for a whole step (GradCache) defines instead of the loop's per-micro-batch loss/backward.
+    `data_state() -> dict | None` (called on every rank at each checkpoint; rank 0's answer is saved) and
+    `load_data_state(state | None)` (on resume, every rank) carry a data position that is not the step."""
 
     model: nn.Module
 
@@ -156,6 +159,8 @@ def train(task: Task, config: TrainConfig, run_dir: Path, resume: bool = False, 
     if checkpoint is not None:
         state = load_checkpoint(task.model, checkpoint, optimizer, sharded=strategy == "fsdp")
         step, history = state["step"], state["history"]
+        if hasattr(task, "load_data_state"):
+            task.load_data_state(state.get("data"))
         log.info("resumed from %s at step %d", checkpoint, step)
     metrics_file = (run_dir / "metrics.jsonl").open("a") if main else None
     last_eval: dict = history["eval"][-1] if history["eval"] else {}
@@ -208,10 +213,11 @@ def train(task: Task, config: TrainConfig, run_dir: Path, resume: bool = False, 
             tick = time.perf_counter()  # evaluation time is not training throughput
         if (config.save_every and step % config.save_every == 0) or step == end:
             model, optimizer_state = distributed.full_state(task.model, optimizer, sharded=strategy == "fsdp")
+            data = task.data_state() if hasattr(task, "data_state") else None  # every rank: a stream gathers
             if main:
                 save_training_checkpoint(model, run_dir / "checkpoints" / f"step_{step:08d}", optimizer_state,
                                          {"step": step, "samples_seen": step * config.grad_accum * task.batch_size(),
-                                          "history": history})
+                                          "history": history, **({"data": data} if data is not None else {})})
                 prune_checkpoints(run_dir / "checkpoints", keep=2)
             if strategy is not None:
                 dist.barrier()  # no rank reads or resumes a checkpoint before rank 0 has renamed it into place
