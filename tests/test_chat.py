@@ -197,3 +197,19 @@ def test_world_conversations_answer_with_the_world_answers():
 def test_exact_match_normalises():
     assert exact_match("Red.", "red") and exact_match("  two \n", "two") and exact_match("yes!", "Yes")
     assert not exact_match("red circle", "red") and not exact_match("blue", "red") and not exact_match("", "red")
+
+
+@pytest.mark.parametrize("max_turns,singles", [(3, True), (6, False), (1, False)])
+def test_world_conversations_ask_every_question(max_turns, singles):
+    scene = ShapesWorld().scene("train", 5)
+    asked = questions(scene)
+    conversations = world_conversations(scene, np.random.default_rng(0), max_turns=max_turns, singles=singles)
+    assert conversations[0][1][1] in captions(scene)  # a caption request first
+    qa = [[(q.removeprefix("<image>\n"), a) for (_, q), (_, a) in zip(c[::2], c[1::2])] for c in conversations[1:]]
+    assert all(c[0][1].startswith("<image>\n") and "<image>" not in "".join(t for _, t in c[1:]) for c in conversations[1:])
+    alone = len(asked) if singles else 0
+    assert [t[0] for t in qa[:alone]] == asked[:alone] and all(len(t) == 1 for t in qa[:alone])
+    grouped = qa[alone:]
+    again = sorted(x for t in grouped for x in t)  # every question once more in conversations (with singles, a
+    assert set(again) <= set(asked) and len(again) == len(set(again)) >= len(asked) - singles  # last odd one may not)
+    assert all(len(t) <= max_turns for t in grouped) and (not singles or all(len(t) >= 2 for t in grouped))

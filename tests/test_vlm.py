@@ -288,3 +288,15 @@ def test_image_position_embedding_learns_with_the_projector(tmp_path, images):
     model(ids, pixels).float().pow(2).mean().backward()
     learned = {name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert learned == {"projector", "image_pos"}
+
+
+def test_image_position_code_names_row_and_column():
+    from vlfm.models.vlm import sincos_2d
+
+    code = sincos_2d(4, 24)[0].reshape(4, 4, 24)  # (row, col, channel)
+    rows, cols = code[..., :12], code[..., 12:]
+    assert torch.equal(rows, rows[:, :1].expand_as(rows)) and torch.equal(cols, cols[:1].expand_as(cols))
+    flat = code.reshape(16, 24)
+    distances = torch.cdist(flat, flat) + torch.eye(16) * 1e3
+    assert distances.min() > 0.1  # every token's code differs from every other's
+    assert 0.5 < flat.pow(2).mean().sqrt() < 1.0  # the scale of the projected features, not of token embeddings

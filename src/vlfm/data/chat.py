@@ -231,21 +231,23 @@ CAPTION_REQUESTS = ("describe the image.", "what is in the picture?", "describe 
 
 
 def world_conversations(
-    scene: Scene, rng: np.random.Generator, avoid: Iterable[str] = ()
+    scene: Scene, rng: np.random.Generator, avoid: Iterable[str] = (), max_turns: int = 3, singles: bool = True
 ) -> list[Conversation]:
     """Instruction data for one scene: a caption request, every question alone, and the questions again in
     multi-turn conversations of 2-3. The image comes first in the first user turn, as in LLaVA's data. Answers
     are questions()' one-word answers verbatim (VQA scores them by exact match); `avoid`: questions()' labels
-    that 'no' questions must not mention (the held-out ones, in training)."""
+    that 'no' questions must not mention (the held-out ones, in training). `max_turns`: the longest multi-turn
+    conversation; `singles`: whether every question also comes alone (one answer per image pass)."""
     image = IMAGE_TOKEN + "\n"
     texts = captions(scene)
     request = CAPTION_REQUESTS[rng.integers(len(CAPTION_REQUESTS))]
     out = [[("user", image + request), ("assistant", texts[rng.integers(len(texts))])]]
     pairs = questions(scene, avoid=avoid)
-    out += [[("user", image + question), ("assistant", answer)] for question, answer in pairs]
+    if singles:
+        out += [[("user", image + question), ("assistant", answer)] for question, answer in pairs]
     order, start = rng.permutation(len(pairs)), 0
-    while len(pairs) - start >= 2:
-        group = order[start : start + int(rng.integers(2, 4))]
+    while len(pairs) - start >= (2 if singles else 1):
+        group = order[start : start + int(rng.integers(min(2, max_turns), max_turns + 1))]
         start += len(group)
         conversation: Conversation = []
         for k, i in enumerate(group):

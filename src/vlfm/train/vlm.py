@@ -130,7 +130,7 @@ def stage_examples(model: VisionLanguageModel, config: VLMRunConfig, stage: int)
             pairs = [(i, [("user", f"{IMAGE_TOKEN}\n{CAPTION_REQUESTS[rng.integers(len(CAPTION_REQUESTS))]}"),
                           ("assistant", text)]) for i, scene in enumerate(scenes) for text in captions(scene)]  # fmt: skip
         else:
-            pairs = [(i, c) for i, scene in enumerate(scenes) for c in world_conversations(scene, rng, avoid)]
+            pairs = [(i, c) for i, scene in enumerate(scenes) for c in world_conversations(scene, rng, avoid, data.max_turns, data.single_questions)]
     else:
         pixels, pairs = llava_pairs(data.source, data.image_root, model.preprocess_config)
     out = Examples([], [], [], pixels)
