@@ -13,14 +13,11 @@ import os
 import sys
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
+from vlfm.cli_common import UsageError, open_image, two_tower
+from vlfm.cli_search import add_parsers as add_search_parsers
+from vlfm.cli_search import cmd_index, cmd_search
 from vlfm.cli_vlm import add_parsers as add_vlm_parsers
 from vlfm.cli_vlm import cmd_chat, describe, eval_vlm, is_language_model, is_vlm, print_json
-
-
-class UsageError(ValueError):
-    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,31 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mix", help="WiSE-FT: comma-separated alphas to evaluate, e.g. 0,0.25,0.5,0.75,1 (plot: mix.png)")
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("index", help="nearest-neighbour index of images: build (or resume) | add")
-    isub = p.add_subparsers(dest="index_command", required=True, metavar="build|add")
-    b = isub.add_parser("build", help="embed images into a new index; re-running resumes where it stopped")
-    b.add_argument("checkpoint", help="the model whose image embeddings are indexed")
-    b.add_argument("--out", required=True, help="index directory (index.faiss + meta.sqlite)")
-    b.add_argument("--kind", choices=("flat", "hnsw", "ivfpq"), default="flat",
-                   help="flat: exact inner product (default); hnsw: graph; ivfpq: compressed, for millions")
-    b.add_argument("--hnsw-m", type=int, default=32, help="hnsw: neighbours per node")
-    b.add_argument("--nlist", type=int, default=1024, help="ivfpq: inverted lists (needs >= 39 x nlist images)")
-    b.add_argument("--pq-m", type=int, default=16, help="ivfpq: sub-quantizers (must divide the embedding size)")
-    a = isub.add_parser("add", help="append images to an index without a rebuild (paths already in it are skipped)")
-    a.add_argument("index")
-    for q in (b, a):
-        source = q.add_mutually_exclusive_group(required=True)
-        source.add_argument("--images", help="folder of images (undecodable ones are skipped and counted)")
-        source.add_argument("--captions", help="caption file (.csv/.tsv/.jsonl with filepath, caption): captions are stored")
-        q.add_argument("--batch-size", type=int, default=256)
-
-    p = sub.add_parser("search", help="query an index with a text (text -> image) or an image (image -> image)")
-    p.add_argument("index")
-    p.add_argument("text", nargs="?", help='the query, e.g. "a red circle"')
-    p.add_argument("--image", help="an image as the query instead of a text")
-    p.add_argument("-k", type=int, default=10, help="number of hits")
-    p.add_argument("--sheet", help="also write the hits as a contact-sheet PNG")
-    p.add_argument("--checkpoint", help="embed the query with this model (default: the one that built the index)")
+    add_search_parsers(sub)
     add_vlm_parsers(sub)
     return parser
 
@@ -193,17 +166,6 @@ def cmd_eval(args) -> None:
     append_csv(args.csv, str(path), args.dataset, args.task, metrics)
     print_json(metrics)
     print(f"wrote {out}; appended a row to {args.csv}")
-
-
-def open_image(path: str | Path) -> Image.Image:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise UsageError(f"{path} is not a readable image ({type(error).__name__})") from None
 
 
 def cmd_classify(args) -> None:
@@ -343,67 +305,6 @@ def cmd_adapt(args) -> None:
                "trainable_fraction": results["trainable_fraction"]}  # fmt: skip
     print(json.dumps({k: round(v, 4) for k, v in summary.items()}))
     print(f"wrote {Path(args.out) / 'results.json'}")
-
-
-def _index_items(args) -> list[tuple[Path, str]]:
-    from vlfm.data.sources import list_images, read_caption_file
-
-    try:
-        if args.images:
-            return [(path, "") for path in list_images(args.images)]
-        return read_caption_file(args.captions)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-
-
-def cmd_index(args) -> None:
-    import vlfm
-    from vlfm.search import SearchIndex
-
-    items = _index_items(args)
-    if args.index_command == "build":
-        model_path = args.checkpoint
-        model = two_tower(vlfm.load(model_path), "index build")
-        if (Path(args.out) / "meta.sqlite").is_file():
-            index = SearchIndex.open(args.out)
-            print(f"resuming {args.out} ({len(index)} items already indexed)")
-        else:
-            index = SearchIndex.create(args.out, model, str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
-                                       args.kind, args.hnsw_m, args.nlist, args.pq_m)  # fmt: skip
-    else:
-        index = SearchIndex.open(args.index)
-        model = two_tower(vlfm.load(index.info["model_path"]), "index add")
-    stats = index.add_images(model, items, args.batch_size)
-    print(json.dumps(stats))
-    if stats["skipped"] and not stats["added"] and not len(index):
-        raise UsageError(f"none of the {stats['skipped']} images could be decoded; the index is empty")
-
-
-def cmd_search(args) -> None:
-    import vlfm
-    from vlfm.search import SearchIndex
-    from vlfm.search.index import contact_sheet
-
-    if (args.text is None) == (args.image is None):
-        raise UsageError("give a text query or --image, not both and not neither")
-    index = SearchIndex.open(args.index)
-    model = two_tower(vlfm.load(args.checkpoint or index.info["model_path"]), "search")
-    index.check_model(model)
-    query = model.embed_images([open_image(args.image)]) if args.image else model.embed_texts([args.text])
-    hits = index.search(query.cpu().numpy(), args.k)[0]
-    print(f"{'rank':>4}  {'score':>6}  path  caption")
-    for rank, hit in enumerate(hits, 1):
-        print(f"{rank:>4}  {hit.score:6.3f}  {hit.path}  {hit.caption}")
-    if args.sheet:
-        print(f"wrote {contact_sheet(hits, args.sheet)}")
-
-
-def two_tower(model, command: str):
-    """The loaded model, if it has both towers (a text encoder or a fine-tuned classifier has one)."""
-    if not (hasattr(model, "visual") and hasattr(model, "text")):
-        tower = "text only" if hasattr(model, "text") else "image only, fixed classes"
-        raise UsageError(f"{command} needs an image-text model; this checkpoint is a {type(model).__name__} ({tower})")
-    return model
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "classify": cmd_classify, "embed": cmd_embed, "info": cmd_info,

@@ -35,7 +35,7 @@ def cmd_chat(args) -> None:
     import torch
 
     import vlfm
-    from vlfm.cli import UsageError, open_image
+    from vlfm.cli_common import UsageError, open_image
 
     model = vlfm.load(args.checkpoint)
     if not is_vlm(model):
