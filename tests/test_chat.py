@@ -18,8 +18,9 @@ from vlfm.data.chat import (
     world_conversations,
     world_text,
 )
-from vlfm.data.shapes import ShapesWorld, captions, questions
+from vlfm.data.shapes import ShapesWorld
 from vlfm.data.tokenizer import Tokenizer
+from vlfm.data.world_text import captions, questions
 
 CORPUS = ["a small red circle", "a big blue square left of a green triangle", "there is a yellow star",
           "what colour is the star?", "how many shapes are there? two"] * 20  # fmt: skip

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 import vlfm
 from conftest import tiny_config
 from vlfm.config import ConfigError
-from vlfm.data.shapes import ShapesWorld, WorldConfig, captions
+from vlfm.data.shapes import ShapesWorld, WorldConfig
+from vlfm.data.world_text import captions
 from vlfm.eval.world import SYNONYMS, UNSEEN_TEMPLATES
 from vlfm.train import run
 

@@ -14,7 +14,8 @@ import pytest
 import vlfm
 from vlfm.cli import main
 from vlfm.config import load_config
-from vlfm.data.shapes import ALL_LABELS, ShapesWorld, with_article
+from vlfm.data.shapes import ALL_LABELS, ShapesWorld
+from vlfm.data.world_text import with_article
 from vlfm.eval.tasks import evaluate_task
 from vlfm.search import SearchIndex
 from vlfm.train import run

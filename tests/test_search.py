@@ -8,7 +8,8 @@ from PIL import Image
 
 import vlfm
 from vlfm.cli import main
-from vlfm.data.shapes import ShapesWorld, WorldConfig, captions
+from vlfm.data.shapes import ShapesWorld, WorldConfig
+from vlfm.data.world_text import captions
 from vlfm.search import SearchError, SearchIndex
 
 

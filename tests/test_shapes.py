@@ -10,11 +10,10 @@ from vlfm.data.shapes import (
     Scene,
     ShapesWorld,
     WorldConfig,
-    captions,
     label,
-    questions,
     render_many,
 )
+from vlfm.data.world_text import captions, questions
 
 
 @pytest.fixture(scope="module")
@@ -323,7 +322,8 @@ def test_grey_scenes_only_in_training_and_never_name_colours():
 
 
 def test_glyph_scenes():
-    from vlfm.data.shapes import ShapesWorld, WorldConfig, captions, questions
+    from vlfm.data.shapes import ShapesWorld, WorldConfig
+    from vlfm.data.world_text import captions, questions
 
     world = ShapesWorld(WorldConfig(glyph_fraction=0.3))
     train = [world.scene("train", i) for i in range(400)]

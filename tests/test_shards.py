@@ -8,8 +8,9 @@ from PIL import Image
 
 from conftest import tiny_config
 from vlfm.cli import main
-from vlfm.data.shapes import ShapesWorld, WorldConfig, captions
+from vlfm.data.shapes import ShapesWorld, WorldConfig
 from vlfm.data.shards import Skipped, folder_items, read_shards, write_shards
+from vlfm.data.world_text import captions
 from vlfm.train import run
 
 

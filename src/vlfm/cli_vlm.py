@@ -65,7 +65,8 @@ def _chat_about_scene(model, args) -> None:
     """A transcript about a world scene never used in training ('val' scenes past the evaluation's): every
     question the world can answer about it, the model's answer and the truth."""
     from vlfm.data.chat import exact_match
-    from vlfm.data.shapes import ShapesWorld, WorldConfig, questions
+    from vlfm.data.shapes import ShapesWorld, WorldConfig
+    from vlfm.data.world_text import questions
 
     world = ShapesWorld(WorldConfig(image_size=model.config.vision.image_size))
     scene = world.scene("val", 100_000 + args.scene)

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vlfm.data.shapes import Scene, captions, questions
+from vlfm.data.shapes import Scene
 from vlfm.data.tokenizer import Tokenizer
+from vlfm.data.world_text import captions, questions
 
 log = logging.getLogger("vlfm")
 

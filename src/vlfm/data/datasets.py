@@ -99,7 +99,8 @@ def lfw_subset() -> LabelledImages:
 
 
 def shapes(per_class: int = 20, image_size: int = 64) -> LabelledImages:
-    from vlfm.data.shapes import ALL_LABELS, ShapesWorld, WorldConfig, with_article
+    from vlfm.data.shapes import ALL_LABELS, ShapesWorld, WorldConfig
+    from vlfm.data.world_text import with_article
     from vlfm.eval.world import TEMPLATES as WORLD_TEMPLATES
 
     world = ShapesWorld(WorldConfig(image_size=image_size))

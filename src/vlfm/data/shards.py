@@ -76,7 +76,8 @@ def write_shards(items: list[tuple[Path, str]], out: str | Path, maxcount: int =
 def write_world_shards(n: int, out: str | Path, maxcount: int = 1000, image_size: int = 64) -> dict:
     """Scenes 0..n-1 of the built-in world's train split as PNG shards with one caption each: scene i carries
     its caption number i mod (its caption count), so the captions vary and the shards are the same every time."""
-    from vlfm.data.shapes import ShapesWorld, WorldConfig, captions
+    from vlfm.data.shapes import ShapesWorld, WorldConfig
+    from vlfm.data.world_text import captions
 
     world = ShapesWorld(WorldConfig(image_size=image_size))
 

@@ -9,7 +9,8 @@ from collections import defaultdict
 import torch
 
 from vlfm.data.chat import exact_match
-from vlfm.data.shapes import ShapesWorld, WorldConfig, questions, render_many
+from vlfm.data.shapes import ShapesWorld, WorldConfig, render_many
+from vlfm.data.world_text import questions
 from vlfm.models.vlm import left_pad
 
 # First matching pattern names a question's kind (the order matters: "is there" before "left of").

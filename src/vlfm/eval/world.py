@@ -14,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vlfm.data.shapes import ALL_LABELS, ShapesWorld, WorldConfig, captions, render_many, with_article
+from vlfm.data.shapes import ALL_LABELS, ShapesWorld, WorldConfig, render_many
 from vlfm.data.transforms import to_uint8_tensor
+from vlfm.data.world_text import captions, with_article
 from vlfm.eval.retrieval import retrieval
 from vlfm.eval.zeroshot import zeroshot_classification
 

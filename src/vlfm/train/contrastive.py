@@ -18,12 +18,13 @@ from PIL import Image
 from vlfm import distributed
 from vlfm.checkpoint import load_state_strict
 from vlfm.config import ConfigError, RunConfig
-from vlfm.data.shapes import ShapesWorld, captions, render_many
+from vlfm.data.shapes import ShapesWorld, render_many
 from vlfm.data.shards import is_shard_source, load_shards
 from vlfm.data.sources import ImageTextData, load_image_text, read_caption_file
 from vlfm.data.stream import ShardBatches, tokenize_batch
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess, to_uint8_tensor
+from vlfm.data.world_text import captions
 from vlfm.eval.world import WorldBenchmark
 from vlfm.losses import (
     clip_loss,

@@ -35,10 +35,11 @@ from vlfm.data.chat import (
     world_conversations,
     world_text,
 )
-from vlfm.data.shapes import ShapesWorld, captions, render_many
+from vlfm.data.shapes import ShapesWorld, render_many
 from vlfm.data.sources import decode_rgb
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess, to_uint8_tensor
+from vlfm.data.world_text import captions
 from vlfm.eval.vqa import VQASet, vqa_accuracy
 from vlfm.models.vlm import VisionLanguageModel
 from vlfm.train.loop import EpochSampler

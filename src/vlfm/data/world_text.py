@@ -1,0 +1,157 @@
+"""The built-in world's language: captions in varied phrasings and question/answer pairs for each scene.
+
+Pure functions of the scene (a per-scene seed drives the choices), so any scene's text is reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from vlfm.data.glyphs import glyph_captions
+from vlfm.data.shapes import ALL_LABELS, COLOURS, SHAPES, Obj, Scene
+
+NUMBERS = ("zero", "one", "two", "three", "four")
+PLURALS = {s: s + ("es" if s.endswith("ss") else "s") for s in SHAPES}
+
+
+def _scene_rng(scene: Scene, salt: int) -> np.random.Generator:
+    # Derived from the scene itself, so captions/questions are reproducible without any global state.
+    coords = [round(abs(v) * 1e4) % 2**32 for o in scene.objects for v in (o.x, o.y)]
+    return np.random.default_rng([salt, scene.background % 2**32, len(scene.objects), *coords])
+
+
+def with_article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _counted(names: list[str], singular, plural) -> str:
+    """"a red shape and two blue shapes": each distinct name once, in first-seen order, with its count."""
+    counts = {name: names.count(name) for name in names}
+    return _join([with_article(singular(n)) if k == 1 else f"{NUMBERS[k]} {plural(n)}" for n, k in counts.items()])
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _where(o: Obj) -> str:
+    h = "left" if o.x < 0.4 else "right" if o.x > 0.6 else ""
+    v = "top" if o.y < 0.4 else "bottom" if o.y > 0.6 else ""
+    if h and v:
+        return f"in the {v} {h}"
+    return f"on the {h}" if h else f"at the {v}" if v else "in the middle"
+
+
+def _relation(a: Obj, b: Obj) -> str:
+    """Where a is relative to b: left/right of unless the vertical offset clearly dominates."""
+    dx, dy = b.x - a.x, b.y - a.y
+    if abs(dy) > 1.5 * abs(dx):
+        return "above" if dy > 0 else "below"
+    return "left of" if dx > 0 else "right of"
+
+
+def captions(scene: Scene, rng: np.random.Generator | None = None) -> list[str]:
+    """Varied descriptions; the first is canonical (every object, left to right, with size) and fixed."""
+    if scene.digit is not None:
+        return glyph_captions(scene.digit)
+    rng = rng or _scene_rng(scene, 1)
+    objs = sorted(scene.objects, key=lambda o: (o.x, o.y))
+    name = (lambda o: o.shape) if scene.grey else (lambda o: o.label)
+    full = [f"a {o.size} {name(o)}" for o in objs]
+    plain = [with_article(name(o)) for o in objs]
+    if len(objs) == 2:
+        first = f"{full[0]} {_relation(objs[0], objs[1])} {full[1]}"
+    else:
+        first = _join(full)
+    order = rng.permutation(len(objs))  # non-canonical captions should not always list shapes left to right
+    shuffled = [plain[i] for i in order]
+    opener = ["a picture of", "an image of", "a drawing of", "a photo of"][rng.integers(4)]
+    count = f"{NUMBERS[len(objs)]} shape{'s' if len(objs) > 1 else ''}"
+    out = [
+        first,
+        f"{opener} {_join(shuffled)}",
+        f"there is {_join(shuffled)}",
+        f"{count}: {_join([full[i] for i in order])}",
+        _join([name(objs[i]) for i in order]),
+    ]
+    # Colour-only and shape-only descriptions: they teach the two factors separately, which is what lets
+    # a never-seen combination ("red circle") be recognised from its parts.
+    colours = [objs[i].colour for i in order]
+    shapes = [objs[i].shape for i in order]
+    if not scene.grey:
+        out.append(_counted(colours, lambda c: f"{c} shape", lambda c: f"{c} shapes"))
+    out.append(_counted(shapes, str, PLURALS.get))
+    if len(objs) == 1:
+        out += [f"{plain[0]} {_where(objs[0])}", f"{_where(objs[0])}, {full[0]}", f"a single {name(objs[0])}"]
+    elif len(objs) == 2:
+        rel = _relation(objs[1], objs[0])
+        out += [f"{plain[1]} {rel} {plain[0]}", f"{full[1]} {rel} {full[0]}", f"{count}, {_join(shuffled)}"]
+    else:
+        out += [f"from left to right: {_join([name(o) for o in objs])}", f"{count}: {_join(shuffled)}"]
+    return out
+
+
+def questions(
+    scene: Scene, rng: np.random.Generator | None = None, avoid: Iterable[str] = ()
+) -> list[tuple[str, str]]:
+    """(question, one-word answer) pairs, only those whose answer is unambiguous in this scene.
+
+    `avoid`: labels that 'no' existence questions must not mention (e.g. the held-out ones in training)."""
+    if scene.digit is not None:
+        return [("what digit is this?", str(scene.digit)), ("how many shapes are there?", "zero")]
+    rng = rng or _scene_rng(scene, 2)
+    objs = list(scene.objects)
+    colours = [o.colour for o in objs]
+    shapes = [o.shape for o in objs]
+    qa: list[tuple[str, str]] = [("how many shapes are there?", NUMBERS[len(objs)])]
+    for o in objs:
+        if shapes.count(o.shape) == 1:
+            qa.append((f"what colour is the {o.shape}?", o.colour))
+        if colours.count(o.colour) == 1:
+            qa.append((f"what shape is the {o.colour} object?", o.shape))
+        qa.append((f"is the {o.label} big or small?", o.size))
+        if abs(o.x - 0.5) > 0.15:  # absolute position, only with a clear margin from the centre line
+            qa.append((f"is the {o.label} on the left or the right?", "left" if o.x < 0.5 else "right"))
+        if abs(o.y - 0.5) > 0.15:
+            qa.append((f"is the {o.label} at the top or the bottom?", "top" if o.y < 0.5 else "bottom"))
+    if len(objs) == 1:
+        o = objs[0]
+        dx, dy = abs(o.x - 0.5), abs(o.y - 0.5)
+        if dx < 0.1 and dy < 0.1:
+            qa.append((f"where is the {o.shape}?", "middle"))
+        elif dx > 0.2 and dy < 0.1:
+            qa.append((f"where is the {o.shape}?", "left" if o.x < 0.5 else "right"))
+        elif dy > 0.2 and dx < 0.1:
+            qa.append((f"where is the {o.shape}?", "top" if o.y < 0.5 else "bottom"))
+    if len(objs) > 1 and [o.size for o in objs].count("big") == 1:
+        qa.append(("what colour is the big shape?", next(o.colour for o in objs if o.size == "big")))
+    # Counts per colour and per shape, plus one absent colour/shape ("zero" is an answer too).
+    absent_c = [c for c in COLOURS if c not in colours]
+    absent_s = [s for s in SHAPES if s not in shapes]
+    for c in sorted(set(colours)) + [absent_c[rng.integers(len(absent_c))]] * bool(absent_c):
+        qa.append((f"how many {c} shapes are there?", NUMBERS[colours.count(c)]))
+    for s in sorted(set(shapes)) + [absent_s[rng.integers(len(absent_s))]] * bool(absent_s):
+        qa.append((f"how many {PLURALS[s]} are there?", NUMBERS[shapes.count(s)]))
+    # Existence: one 'yes', and a plausible 'no' that shares the colour or the shape of a present object.
+    qa.append((f"is there {with_article(objs[rng.integers(len(objs))].label)}?", "yes"))
+    present, avoid = {o.label for o in objs}, set(avoid)
+    near = [
+        t
+        for t in ALL_LABELS
+        if t not in present and t not in avoid and set(t.split()) & set(colours + shapes)
+    ]
+    if near:
+        qa.append((f"is there {with_article(near[rng.integers(len(near))])}?", "no"))
+    # Relations between pairs, only when the offset along that axis is clear; random order balances yes/no.
+    for i in range(len(objs)):
+        for j in range(i + 1, len(objs)):
+            a, b = (objs[i], objs[j]) if rng.random() < 0.5 else (objs[j], objs[i])
+            if abs(a.x - b.x) > 0.15:
+                qa.append((f"is the {a.label} left of the {b.label}?", "yes" if a.x < b.x else "no"))
+            if abs(a.y - b.y) > 0.15:
+                qa.append((f"is the {a.label} above the {b.label}?", "yes" if a.y < b.y else "no"))
+    if scene.grey:  # a grey picture cannot answer, or be asked about, colours
+        qa = [(q, a) for q, a in qa if a not in COLOURS and not any(c in q.split() for c in COLOURS)]
+    return qa
