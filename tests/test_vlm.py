@@ -300,3 +300,70 @@ def test_image_position_code_names_row_and_column():
     distances = torch.cdist(flat, flat) + torch.eye(16) * 1e3
     assert distances.min() > 0.1  # every token's code differs from every other's
     assert 0.5 < flat.pow(2).mean().sqrt() < 1.0  # the scale of the projected features, not of token embeddings
+
+
+def test_stage_2_curriculum_asks_about_one_object_first(tmp_path, model):
+    """stage2.curriculum_steps: the first steps draw only from one-object scenes, the later ones only from the
+    configured world; without it the examples are those of before."""
+    import re
+
+    from vlfm.train.vlm import VLMTask, stage_examples
+
+    config = tiny_vlm_config(tmp_path, "stage2.steps=6", "stage2.curriculum_steps=3", "data.length_buckets=2",
+                             "data.world.min_objects=2",
+                             "data.world.max_objects=3")  # fmt: skip
+    examples = stage_examples(model, config, 2)
+    plain = stage_examples(model, tiny_vlm_config(tmp_path, "data.world.min_objects=2", "data.world.max_objects=3"), 2)
+    assert plain.easy == 0 and 0 < examples.easy < len(examples.ids)
+    assert examples.ids[examples.easy :] == plain.ids  # the configured world's sequences, unchanged, after them
+    task = VLMTask(model, 2, examples, config)
+    easy_images = set(examples.image[: examples.easy])
+    assert easy_images.isdisjoint(examples.image[examples.easy :])
+    for step in range(6):
+        pixels = torch.cat([piece["pixels"] for piece in task.batch(step, 0) if piece["pixels"] is not None])
+        rows = [int((examples.pixels == image).flatten(1).all(1).nonzero()[0]) for image in pixels]
+        assert rows and all((r in easy_images) == (step < 3) for r in rows)
+
+    def counts(ids):  # the answers to "how many shapes are there?"
+        return {a for row in ids for a in re.findall(r"how many shapes are there\?\s*(\w+)", model.tokenizer.decode(row))}
+
+    assert counts(examples.ids[: examples.easy]) == {"one"}
+    assert counts(examples.ids[examples.easy :]) == {"two", "three"}
+
+
+def test_curriculum_steps_and_length_buckets_are_checked():
+    for overrides, message in [(["stage1.curriculum_steps=5"], "only stage 2"),
+                               (["stage2.curriculum_steps=3"], "below stage2.steps=3"),
+                               (["stage2.curriculum_steps=1", "data.source=x.json"], "needs the built-in world"),
+                               (["data.length_buckets=0"], "length_buckets must be >= 1")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, TINY_VLM + overrides)
+
+
+def test_length_buckets_change_the_padding_not_the_loss_or_gradients(tmp_path):
+    """data.length_buckets=4: the step's sequences run in 4 pieces sorted by length, each padded to its own
+    longest; the loss (mean over every labelled token of the step) and the gradients equal one padded batch's."""
+    from vlfm.train.vlm import VLMTask, stage_examples
+
+    config = tiny_vlm_config(tmp_path, "stage2.batch_size=8", "stage2.vision_lr=1e-4")
+    model = build_model(config).train()  # the vision tower learns too: its BatchNorm uses batch statistics
+    examples = stage_examples(model, config, 2)
+    results = []
+    for buckets in (1, 4):
+        config.data.length_buckets = buckets
+        task = VLMTask(model, 2, examples, config)
+        model.train()
+        pieces = task.batch(1, 0)
+        model.zero_grad()
+        loss, _ = task.loss(pieces)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((pieces, loss.item(), grads))
+    (one, loss1, grads1), (four, loss4, grads4) = results
+    assert len(one) == 1 and len(four) == 4
+    assert sum(p["ids"].numel() for p in four) < one[0]["ids"].numel()  # less padding
+    assert sum(len(p["ids"]) for p in four) == len(one[0]["ids"]) == 8
+    assert loss4 == pytest.approx(loss1, rel=1e-5)
+    assert grads1.keys() == grads4.keys() and any(name.startswith("vision.") for name in grads1)
+    for name in grads1:
+        torch.testing.assert_close(grads4[name], grads1[name], rtol=1e-4, atol=1e-6)

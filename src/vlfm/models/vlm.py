@@ -74,25 +74,29 @@ class VisionLanguageModel(nn.Module):
         features = self.projector(states)
         return features + self.image_pos.to(features.dtype) if self.image_pos is not None else features
 
-    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixels: torch.Tensor | None = None,
+              features: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """LM input embeddings with image features in place of the image tokens (image i fills the i-th run of
-        placeholders in reading order)."""
+        placeholders in reading order). `features`: image_features(pixels) computed beforehand, instead of pixels."""
         embeds = self.lm.embed_tokens(input_ids)
         is_image = input_ids == self.config.image_token_id
-        found, expected = int(is_image.sum()), 0 if pixels is None else len(pixels) * self.image_tokens
+        images = len(features) if features is not None else 0 if pixels is None else len(pixels)
+        found, expected = int(is_image.sum()), images * self.image_tokens
         if found != expected:
-            raise ValueError(f"the input holds {found} image-token positions but {0 if pixels is None else len(pixels)} "
-                             f"image(s) x {self.image_tokens} tokens = {expected} are needed; put one "
+            raise ValueError(f"the input holds {found} image-token positions but {images} image(s) x "
+                             f"{self.image_tokens} tokens = {expected} are needed; put one "
                              f"{self.config.image_token} per image in the prompt")
-        if pixels is None:
+        if not images:
             return embeds
-        features = self.image_features(pixels).to(embeds.dtype)
+        features = (self.image_features(pixels) if features is None else features).to(embeds.dtype)
         return embeds.masked_scatter(is_image.unsqueeze(-1), features.reshape(-1, features.shape[-1]))
 
     def forward(self, input_ids: torch.Tensor, pixels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                attention_mask: torch.Tensor | None = None, logits_at: torch.Tensor | None = None,
+                features: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Next-token logits (B, L, vocab), or (N, vocab) at the `logits_at` positions (LanguageModel.forward)."""
-        return self.lm(inputs_embeds=self.embed(input_ids, pixels), attention_mask=attention_mask, logits_at=logits_at)
+        inputs_embeds = self.embed(input_ids, pixels, features)
+        return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, logits_at=logits_at)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixels: torch.Tensor | None = None,

@@ -35,7 +35,7 @@ from vlfm.data.chat import (
     world_conversations,
     world_text,
 )
-from vlfm.data.shapes import ShapesWorld, render_many
+from vlfm.data.shapes import ShapesWorld, WorldConfig, render_many
 from vlfm.data.sources import decode_rgb
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess, to_uint8_tensor
@@ -110,6 +110,7 @@ class Examples:
     image: list[int]
     pixels: torch.Tensor  # uint8 (N, 3, H, W)
     skipped: int = 0
+    easy: int = 0  # the first `easy` sequences are about one-object scenes: stage 2's curriculum
 
 
 def stage_examples(model: VisionLanguageModel, config: VLMRunConfig, stage: int) -> Examples:
@@ -121,32 +122,46 @@ def stage_examples(model: VisionLanguageModel, config: VLMRunConfig, stage: int)
         ids = [tokenizer.encode(t)[: data.max_length] for t in texts]
         labels = [[IGNORE if i == model.config.image_token_id else i for i in row] for row in ids]
         return Examples(ids, labels, [-1] * len(ids), torch.empty(0, 3, 1, 1, dtype=torch.uint8))
+    easy = 0
     if data.source == "shapes":
         if data.world.image_size != model.config.vision.image_size:
             raise ConfigError(f"data.world.image_size={data.world.image_size} differs from the vision tower's "
                               f"image_size={model.config.vision.image_size}; set data.world.image_size")
-        images, scenes = render_many(ShapesWorld(data.world), "train", data.train_size, workers=data.workers)
-        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        if stage == 1:  # every caption of every scene, each under a random request
-            pairs = [(i, [("user", f"{IMAGE_TOKEN}\n{CAPTION_REQUESTS[rng.integers(len(CAPTION_REQUESTS))]}"),
-                          ("assistant", text)]) for i, scene in enumerate(scenes) for text in captions(scene)]  # fmt: skip
-        else:
-            pairs = [(i, c) for i, scene in enumerate(scenes) for c in world_conversations(scene, rng, avoid, data.max_turns, data.single_questions)]
+        pixels, pairs = world_pairs(data.world, data.train_size, stage, rng, config)
+        if stage == 2 and config.stage2.curriculum_steps:
+            one = dataclasses.replace(data.world, min_objects=1, max_objects=1, object_weights=None)
+            easy_pixels, easy_pairs = world_pairs(one, max(1, data.train_size // 2), stage, rng, config)
+            pairs = easy_pairs + [(len(easy_pixels) + i, c) for i, c in pairs]
+            pixels, easy = torch.cat([easy_pixels, pixels]), len(easy_pairs)
     else:
         pixels, pairs = llava_pairs(data.source, data.image_root, model.preprocess_config)
     out = Examples([], [], [], pixels)
-    for image, conversation in pairs:
+    for k, (image, conversation) in enumerate(pairs):
         ids, labels = encode_conversation(conversation, tokenizer, template)
         ids, labels = expand_image_tokens(ids, labels, model.config.image_token_id, model.image_tokens, int(image >= 0))
         if len(ids) > data.max_length:
             out.skipped += 1
             continue
         out.ids.append(ids), out.labels.append(labels), out.image.append(image)
+        out.easy += k < easy
     if out.skipped:
         log.info("stage %d: %d sequences longer than data.max_length=%d skipped", stage, out.skipped, data.max_length)
     if not out.ids:
         raise ConfigError(f"stage {stage} has no training sequences (data.source={data.source})")
     return out
+
+
+def world_pairs(world: WorldConfig, n: int, stage: int, rng: np.random.Generator, config: VLMRunConfig):
+    """uint8 pixels of `n` rendered training scenes and (image row, conversation) pairs: stage 1 every caption
+    under a random request, stage 2 the instruction conversations."""
+    data = config.data
+    images, scenes = render_many(ShapesWorld(world), "train", n, workers=data.workers)
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    if stage == 1:
+        return pixels, [(i, [("user", f"{IMAGE_TOKEN}\n{CAPTION_REQUESTS[rng.integers(len(CAPTION_REQUESTS))]}"),
+                             ("assistant", text)]) for i, scene in enumerate(scenes) for text in captions(scene)]  # fmt: skip
+    return pixels, [(i, c) for i, scene in enumerate(scenes)
+                    for c in world_conversations(scene, rng, world.held_out, data.max_turns, data.single_questions)]  # fmt: skip
 
 
 def llava_pairs(path: str, image_root: str | None, preprocess: Preprocess):
@@ -181,32 +196,55 @@ class VLMTask:
         stage_config: StageConfig = getattr(config, f"stage{stage}")
         self.config = stage_train_config(config, stage)
         self.device = model.device
-        self.sampler = EpochSampler(len(examples.ids), self.config)
+        self.easy = examples.easy  # rows [0, easy) serve the first curriculum_steps steps, the rest after them
+        self.curriculum_steps = stage_config.curriculum_steps if self.easy else 0
+        self.sampler = EpochSampler(len(examples.ids) - self.easy, self.config)
+        self.easy_sampler = EpochSampler(self.easy, self.config) if self.easy else None
+        self.buckets = config.data.length_buckets
         self.lr_mults = set_trainable(model, stage, stage_config)
         self._evaluate = evaluate
 
     def batch_size(self) -> int:
         return self.config.batch_size
 
-    def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        rows = self.sampler(step, micro).tolist()
+    def batch(self, step: int, micro: int) -> list[dict[str, torch.Tensor]]:
+        """The step's sequences as `data.length_buckets` pieces of similar length, each padded to its longest."""
+        if step < self.curriculum_steps:
+            rows = self.easy_sampler(step, micro).tolist()
+        else:
+            rows = (self.sampler(step, micro) + self.easy).tolist()
         ex = self.examples
-        longest = max(len(ex.ids[r]) for r in rows)
-        ids = torch.full((len(rows), longest), self.model.tokenizer.pad_id, dtype=torch.long)
-        labels = torch.full_like(ids, IGNORE)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            n = len(ex.ids[r])
-            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(ex.ids[r]), torch.tensor(ex.labels[r]), 1
-        images = [ex.image[r] for r in rows if ex.image[r] >= 0]
-        return {"ids": ids, "labels": labels, "mask": mask, "pixels": ex.pixels[images] if images else None}
+        if self.buckets > 1:
+            rows.sort(key=lambda r: len(ex.ids[r]))
+        pieces = []
+        for part in np.array_split(np.asarray(rows), min(self.buckets, len(rows))):
+            longest = max(len(ex.ids[r]) for r in part)
+            ids = torch.full((len(part), longest), self.model.tokenizer.pad_id, dtype=torch.long)
+            labels = torch.full_like(ids, IGNORE)
+            mask = torch.zeros_like(ids)
+            for i, r in enumerate(part):
+                n = len(ex.ids[r])
+                ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(ex.ids[r]), torch.tensor(ex.labels[r]), 1
+            images = [ex.image[r] for r in part if ex.image[r] >= 0]
+            pieces.append({"ids": ids, "labels": labels, "mask": mask, "pixels": ex.pixels[images] if images else None})
+        return pieces
 
-    def loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        pixels = batch["pixels"]
-        if pixels is not None:
-            pixels = self.model.preprocess_config.normalize(pixels.to(self.device))
-        ids, mask, labels = batch["ids"].to(self.device), batch["mask"].to(self.device), batch["labels"].to(self.device)
-        loss = next_token_loss(self.model, ids, labels, mask, pixels, text_only=self.stage == 0)
+    def loss(self, batch: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Mean over every labelled token of the step, whichever piece it is in: the pieces change the padding,
+        not the loss. The vision tower sees all the step's images at once (BatchNorm statistics included)."""
+        pixels = [piece["pixels"] for piece in batch if piece["pixels"] is not None]
+        features = None
+        if pixels and self.stage > 0:
+            features = self.model.image_features(self.model.preprocess_config.normalize(torch.cat(pixels).to(self.device)))
+        total, targets, used = 0.0, 0, 0
+        for piece in batch:
+            images = 0 if piece["pixels"] is None else len(piece["pixels"])
+            ids, mask, labels = (piece[k].to(self.device) for k in ("ids", "mask", "labels"))
+            piece_features = features[used : used + images] if images and features is not None else None
+            total = total + next_token_loss(self.model, ids, labels, mask, text_only=self.stage == 0, reduction="sum",
+                                            features=piece_features)  # fmt: skip
+            targets, used = targets + int((labels[:, 1:] != IGNORE).sum()), used + images
+        loss = total / max(1, targets)
         return loss, {"loss": loss.item()}
 
     def after_step(self) -> None:
@@ -217,17 +255,19 @@ class VLMTask:
 
 
 def next_token_loss(model: VisionLanguageModel, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                    pixels: torch.Tensor | None = None, text_only: bool = False) -> torch.Tensor:  # fmt: skip
-    """Mean cross-entropy of token t + 1 predicted at position t, over the labelled targets. Logits are computed
-    only at those positions (with a 32k vocabulary they are the largest tensor of a step). `text_only`: the LM
-    alone; a literal, unexpanded image placeholder is then just a token (stage 0)."""
+                    pixels: torch.Tensor | None = None, text_only: bool = False, reduction: str = "mean",
+                    features: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Cross-entropy of token t + 1 predicted at position t, over the labelled targets (mean, or `reduction`
+    "sum"). Logits are computed only at those positions (with a 32k vocabulary they are the largest tensor of a
+    step). `text_only`: the LM alone; a literal, unexpanded image placeholder is then just a token (stage 0).
+    `features`: the images' projected features, computed beforehand, instead of `pixels`."""
     targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)
     where = targets != IGNORE
     if text_only:
         logits = model.lm(input_ids=ids, attention_mask=mask, logits_at=where)
     else:
-        logits = model(ids, pixels, mask, logits_at=where)
-    return F.cross_entropy(logits.float(), targets[where])
+        logits = model(ids, pixels, mask, logits_at=where, features=features)
+    return F.cross_entropy(logits.float(), targets[where], reduction=reduction)
 
 
 def stage_train_config(config: VLMRunConfig, stage: int):
