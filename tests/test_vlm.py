@@ -10,11 +10,13 @@ from PIL import Image
 
 import vlfm
 from vlfm.cli import main
-from vlfm.config import ConfigError, StageConfig, load_config
+from vlfm.config import ConfigError, load_config
+from vlfm.config_vlm import StageConfig
 from vlfm.data.shapes import ShapesWorld, WorldConfig
 from vlfm.models.projector import Projector, pixel_shuffle
 from vlfm.train import run
-from vlfm.train.vlm import add_lora, build_model, load_adapter, merge_lora, save_adapter, set_trainable
+from vlfm.train.lora import add_lora, load_adapter, merge_lora, save_adapter
+from vlfm.train.vlm import build_model, set_trainable
 
 TINY_VLM = [
     "task=vlm", "model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.width=32",

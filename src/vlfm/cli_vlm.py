@@ -100,7 +100,8 @@ def eval_vlm(model, args, path: Path) -> tuple[dict, Path]:
     import yaml
 
     from vlfm.checkpoint import resolve
-    from vlfm.config import VLMRunConfig, from_dict
+    from vlfm.config import from_dict
+    from vlfm.config_vlm import VLMRunConfig
     from vlfm.data.shapes import WorldConfig
     from vlfm.train.vlm import evaluate_vlm
 

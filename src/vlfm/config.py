@@ -16,6 +16,9 @@ import yaml
 
 from vlfm.data.shapes import WorldConfig
 
+if typing.TYPE_CHECKING:
+    from vlfm.config_vlm import VLMRunConfig
+
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message says which key and what to fix."""
@@ -149,8 +152,8 @@ class VLMConfig:
     projector: str = "mlp2x_gelu"  # linear | mlp2x_gelu (LLaVA-1.5) | pixel_shuffle (fewer image tokens)
     shuffle_factor: int = 2  # pixel_shuffle: merge factor x factor neighbouring tokens into one
     feature_layer: int = -2  # which block's output feeds the projector (-1: the last; LLaVA uses -2)
-    # A learned embedding per image-token position, added after the projector and trained with it (LLaVA has
-    # none). Measured on the built-in world: it did not lift position / relation questions off chance by step 500.
+    # A position code per image token (a 2-D sine code at the projected features' scale, learned from there),
+    # added after the projector (LLaVA has none); the world's position questions need it.
     image_pos_embed: bool = False
     image_token: str = "<image>"
     image_token_id: int | None = None  # set when the tokenizer gets the image token
@@ -257,74 +260,6 @@ class RunConfig:
         return Path(self.output_dir) / self.name
 
 
-@dataclass
-class StageConfig:
-    """One stage of VLM training (train/vlm.py); the run's `train` section supplies everything else."""
-
-    steps: int = 0  # 0 skips the stage
-    batch_size: int = 32
-    lr: float = 1e-3  # the projector's learning rate (stage 0: the LM's)
-    lm_lr: float | None = None  # stage 2: the LM's learning rate (None: lr)
-    vision_lr: float = 0.0  # stage 2: > 0 trains the vision tower too, at this rate
-    warmup_steps: int = 50
-    lora_rank: int = 0  # stage 2: > 0 tunes the LM with LoRA adapters of this rank instead of all its weights
-    # stage 2 on the world: the first N steps ask only about scenes of one object. Reading where an object is
-    # is learnt there; with 2-3 objects from the start the LM never learns it (position stays at chance).
-    curriculum_steps: int = 0
-    lora_alpha: float = 16.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj",
-                                                             "gate_proj", "up_proj", "down_proj"])
-
-
-@dataclass
-class VLMDataConfig:
-    source: str = "shapes"  # shapes | a LLaVA JSON / JSONL file (images relative to image_root or the file)
-    image_root: str | None = None
-    train_size: int = 10000  # scenes rendered for training (shapes)
-    eval_size: int = 300  # unseen scenes for the VQA evaluation
-    text_size: int = 3000  # scenes whose conversations (~28 each) pretrain the LM in stage 0
-    max_length: int = 128  # longest training sequence in tokens (image tokens included); longer ones are skipped
-    max_turns: int = 3  # stage 2 on the world: the longest multi-turn conversation (questions per image pass)
-    single_questions: bool = True  # stage 2 on the world: every question also alone, besides the multi-turn ones
-    # A batch's sequences sorted by length and run in this many pieces, each padded only to its own longest:
-    # the same loss and gradients with less padding (the world's stage 2 wastes ~40% on it in one piece).
-    length_buckets: int = 1
-    world: WorldConfig = field(default_factory=WorldConfig)
-    workers: int = 2
-
-
-@dataclass
-class VLMRunConfig:
-    """A `task: vlm` run: stage 0 (LM on the world's text, only without model.lm_init), stage 1 (projector
-    on captions), stage 2 (projector + LM on instructions)."""
-
-    task: str = "vlm"
-    name: str = "vlm"
-    output_dir: str = "runs"
-    model: VLMConfig = field(default_factory=VLMConfig)
-    data: VLMDataConfig = field(default_factory=VLMDataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    stage0: StageConfig = field(default_factory=lambda: StageConfig(steps=1000, lr=1e-3))
-    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=300, lr=1e-3))
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=1000, lr=2e-4))
-
-    def __post_init__(self):
-        if self.data.length_buckets < 1:
-            raise ConfigError(f"data.length_buckets must be >= 1 (1: one padded batch), got {self.data.length_buckets}")
-        for stage in (0, 1):
-            if getattr(self, f"stage{stage}").curriculum_steps:
-                raise ConfigError(f"stage{stage}.curriculum_steps: only stage 2 has a curriculum")
-        steps = self.stage2.curriculum_steps
-        if steps and self.data.source != "shapes":
-            raise ConfigError(f"stage2.curriculum_steps={steps} needs the built-in world (data.source=shapes)")
-        if not 0 <= steps < max(1, self.stage2.steps):
-            raise ConfigError(f"stage2.curriculum_steps={steps} must be >= 0 and below stage2.steps={self.stage2.steps}")
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir) / self.name
-
-
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh", "relu", "silu")
 
 
@@ -403,6 +338,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig | VLMRunConfig:
+    from vlfm.config_vlm import VLMRunConfig  # it builds on this module's sections
+
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)

@@ -15,7 +15,8 @@ import torch.distributed
 import yaml
 
 from vlfm import distributed
-from vlfm.config import ConfigError, RunConfig, VLMRunConfig, to_dict
+from vlfm.config import ConfigError, RunConfig, to_dict
+from vlfm.config_vlm import VLMRunConfig
 
 log = logging.getLogger("vlfm")
 
