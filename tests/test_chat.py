@@ -181,7 +181,7 @@ def test_world_conversations_answer_with_the_world_answers():
         conversations = world_conversations(scene, rng, avoid=world.held_out_labels)
         caption = conversations[0]
         assert caption[0][1].startswith("<image>\n") and caption[1][1] in captions(scene)
-        expected = questions(scene, avoid=world.held_out_labels)
+        expected = questions(scene, avoid=world.held_out_labels, easy_no=True)
         singles = [c for c in conversations[1:] if len(c) == 2]
         multi = [c for c in conversations[1:] if len(c) > 2]
         assert [(q.removeprefix("<image>\n"), a) for (_, q), (_, a) in singles] == expected
@@ -203,7 +203,7 @@ def test_exact_match_normalises():
 @pytest.mark.parametrize("max_turns,singles", [(3, True), (6, False), (1, False)])
 def test_world_conversations_ask_every_question(max_turns, singles):
     scene = ShapesWorld().scene("train", 5)
-    asked = questions(scene)
+    asked = questions(scene, easy_no=True)  # training's questions: the extra, easy 'no' included
     conversations = world_conversations(scene, np.random.default_rng(0), max_turns=max_turns, singles=singles)
     assert conversations[0][1][1] in captions(scene)  # a caption request first
     qa = [[(q.removeprefix("<image>\n"), a) for (_, q), (_, a) in zip(c[::2], c[1::2])] for c in conversations[1:]]

@@ -237,6 +237,19 @@ def test_questions_consistent_on_random_scenes(world):
                 assert a == ("yes" if by_label[first].x < by_label[second].x else "no")
 
 
+def test_questions_easy_no_only_when_asked(world):
+    """easy_no adds one 'no' about an object sharing neither colour nor shape with any present; by default (the
+    VQA benchmark's questions) every 'no' shares one of them."""
+    for i in range(100):
+        scene = world.scene("train", i)
+        hard, easy = questions(scene, avoid=world.held_out_labels), questions(scene, avoid=world.held_out_labels, easy_no=True)
+        extra = [(q, a) for q, a in easy if (q, a) not in hard]
+        assert len(easy) == len(hard) + 1 and len(extra) == 1 and extra[0][1] == "no", extra
+        colour, shape = extra[0][0][len("is there ") : -1].split()[-2:]
+        assert not any(o.colour == colour or o.shape == shape for o in scene.objects)
+        assert f"{colour} {shape}" not in world.held_out_labels
+
+
 def test_render_colour_at_centre():
     for colour, rgb in COLOURS.items():
         for shape in ("circle", "square"):

@@ -243,7 +243,7 @@ def world_conversations(
     texts = captions(scene)
     request = CAPTION_REQUESTS[rng.integers(len(CAPTION_REQUESTS))]
     out = [[("user", image + request), ("assistant", texts[rng.integers(len(texts))])]]
-    pairs = questions(scene, avoid=avoid)
+    pairs = questions(scene, avoid=avoid, easy_no=True)
     if singles:
         out += [[("user", image + question), ("assistant", answer)] for question, answer in pairs]
     order, start = rng.permutation(len(pairs)), 0

@@ -94,11 +94,13 @@ def captions(scene: Scene, rng: np.random.Generator | None = None) -> list[str]:
 
 
 def questions(
-    scene: Scene, rng: np.random.Generator | None = None, avoid: Iterable[str] = ()
+    scene: Scene, rng: np.random.Generator | None = None, avoid: Iterable[str] = (), easy_no: bool = False
 ) -> list[tuple[str, str]]:
     """(question, one-word answer) pairs, only those whose answer is unambiguous in this scene.
 
-    `avoid`: labels that 'no' existence questions must not mention (e.g. the held-out ones in training)."""
+    `avoid`: labels that 'no' existence questions must not mention (e.g. the held-out ones in training).
+    `easy_no`: one more 'no' existence question, about an object whose colour and shape are both absent (for
+    training: one attribute answers it, which a model learns before it learns to check both)."""
     if scene.digit is not None:
         return [("what digit is this?", str(scene.digit)), ("how many shapes are there?", "zero")]
     rng = rng or _scene_rng(scene, 2)
@@ -152,6 +154,10 @@ def questions(
                 qa.append((f"is the {a.label} left of the {b.label}?", "yes" if a.x < b.x else "no"))
             if abs(a.y - b.y) > 0.15:
                 qa.append((f"is the {a.label} above the {b.label}?", "yes" if a.y < b.y else "no"))
+    # (drawn last, so the other questions are the same with and without it)
+    far = [t for t in ALL_LABELS if t not in avoid and not set(t.split()) & set(colours + shapes)]
+    if easy_no and far:
+        qa.append((f"is there {with_article(far[rng.integers(len(far))])}?", "no"))
     if scene.grey:  # a grey picture cannot answer, or be asked about, colours
         qa = [(q, a) for q, a in qa if a not in COLOURS and not any(c in q.split() for c in COLOURS)]
     return qa
