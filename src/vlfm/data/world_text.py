@@ -154,10 +154,10 @@ def questions(
                 qa.append((f"is the {a.label} left of the {b.label}?", "yes" if a.x < b.x else "no"))
             if abs(a.y - b.y) > 0.15:
                 qa.append((f"is the {a.label} above the {b.label}?", "yes" if a.y < b.y else "no"))
-    # (drawn last, so the other questions are the same with and without it)
-    far = [t for t in ALL_LABELS if t not in avoid and not set(t.split()) & set(colours + shapes)]
-    if easy_no and far:
-        qa.append((f"is there {with_article(far[rng.integers(len(far))])}?", "no"))
+    if easy_no:  # drawn last, so the other questions are the same with and without it
+        far = [t for t in ALL_LABELS if t not in avoid and not set(t.split()) & set(colours + shapes)]
+        if far:
+            qa.append((f"is there {with_article(far[rng.integers(len(far))])}?", "no"))
     if scene.grey:  # a grey picture cannot answer, or be asked about, colours
         qa = [(q, a) for q, a in qa if a not in COLOURS and not any(c in q.split() for c in COLOURS)]
     return qa
