@@ -178,10 +178,10 @@ def test_world_conversations_answer_with_the_world_answers():
     rng = np.random.default_rng(0)
     for i in range(20):
         scene = world.scene("train", i)
-        conversations = world_conversations(scene, rng, avoid=world.held_out_labels)
+        conversations = world_conversations(scene, rng, avoid=world.held_out_labels, counts=None)
         caption = conversations[0]
         assert caption[0][1].startswith("<image>\n") and caption[1][1] in captions(scene)
-        expected = questions(scene, avoid=world.held_out_labels, easy_no=True)
+        expected = questions(scene, avoid=world.held_out_labels, training=True)
         singles = [c for c in conversations[1:] if len(c) == 2]
         multi = [c for c in conversations[1:] if len(c) > 2]
         assert [(q.removeprefix("<image>\n"), a) for (_, q), (_, a) in singles] == expected
@@ -203,8 +203,9 @@ def test_exact_match_normalises():
 @pytest.mark.parametrize("max_turns,singles", [(3, True), (6, False), (1, False)])
 def test_world_conversations_ask_every_question(max_turns, singles):
     scene = ShapesWorld().scene("train", 5)
-    asked = questions(scene, easy_no=True)  # training's questions: the extra, easy 'no' included
-    conversations = world_conversations(scene, np.random.default_rng(0), max_turns=max_turns, singles=singles)
+    asked = questions(scene, training=True)  # training's questions: the extra existence questions included
+    conversations = world_conversations(scene, np.random.default_rng(0), max_turns=max_turns, singles=singles,
+                                        counts=None)
     assert conversations[0][1][1] in captions(scene)  # a caption request first
     qa = [[(q.removeprefix("<image>\n"), a) for (_, q), (_, a) in zip(c[::2], c[1::2])] for c in conversations[1:]]
     assert all(c[0][1].startswith("<image>\n") and "<image>" not in "".join(t for _, t in c[1:]) for c in conversations[1:])
@@ -214,3 +215,22 @@ def test_world_conversations_ask_every_question(max_turns, singles):
     again = sorted(x for t in grouped for x in t)  # every question once more in conversations (with singles, a
     assert set(again) <= set(asked) and len(again) == len(set(again)) >= len(asked) - singles  # last odd one may not)
     assert all(len(t) <= max_turns for t in grouped) and (not singles or all(len(t) >= 2 for t in grouped))
+
+
+@pytest.mark.parametrize("counts", [0, 1, 3])
+def test_world_conversations_cap_the_count_questions(counts):
+    """`counts`: that many "how many" questions per scene, drawn at random; every other question still asked."""
+    world, rng = ShapesWorld(), np.random.default_rng(0)
+    drawn = set()
+    for i in range(30):
+        scene = world.scene("train", i)
+        every = questions(scene, training=True)
+        tally = [q for q, _ in every if q.startswith("how many ")]
+        conversations = world_conversations(scene, rng, max_turns=6, singles=False, counts=counts)
+        asked = [(q.removeprefix("<image>\n"), a) for c in conversations[1:] for (_, q), (_, a) in zip(c[::2], c[1::2])]
+        kept = [q for q, _ in asked if q.startswith("how many ")]
+        assert len(kept) == min(counts, len(tally)) and set(kept) <= set(tally)
+        assert sorted(p for p in asked if not p[0].startswith("how many ")) == sorted(
+            p for p in every if not p[0].startswith("how many "))
+        drawn.update(kept)
+    assert counts == 0 or len(drawn) > 3 * counts  # drawn at random, not always the first ones

@@ -70,7 +70,7 @@ def search_precision(config, folder: Path, n: int) -> float:
 @pytest.mark.slow
 def test_vlm_preset_answers_questions_about_new_scenes(tmp_path, capsys):
     """`make demo-vlm`'s path: a shortened LiT image tower, then the assistant's stages 0-2 on top of it."""
-    tower = load_config("configs/shapes-lit.yaml", [f"output_dir={tmp_path}", "name=tower", "train.steps=1500",
+    tower = load_config("configs/shapes-lit.yaml", [f"output_dir={tmp_path}", "name=tower", "train.steps=1800",
                                                      "train.eval_every=0", "train.save_every=0"])  # fmt: skip
     run(tower)
     config = load_config("configs/shapes-vlm.yaml", [f"output_dir={tmp_path}", "name=vlm",

@@ -237,17 +237,28 @@ def test_questions_consistent_on_random_scenes(world):
                 assert a == ("yes" if by_label[first].x < by_label[second].x else "no")
 
 
-def test_questions_easy_no_only_when_asked(world):
-    """easy_no adds one 'no' about an object sharing neither colour nor shape with any present; by default (the
-    VQA benchmark's questions) every 'no' shares one of them."""
+def test_training_questions_add_existence_questions_only_when_asked(world):
+    """training=True appends a 'yes' about every object, as many plausible 'no's (sharing the colour or the
+    shape of an object there) and one easy 'no' (sharing neither); by default (the VQA benchmark's questions)
+    one 'yes' and one plausible 'no'. No 'no' names a held-out label."""
     for i in range(100):
         scene = world.scene("train", i)
-        hard, easy = questions(scene, avoid=world.held_out_labels), questions(scene, avoid=world.held_out_labels, easy_no=True)
-        extra = [(q, a) for q, a in easy if (q, a) not in hard]
-        assert len(easy) == len(hard) + 1 and len(extra) == 1 and extra[0][1] == "no", extra
-        colour, shape = extra[0][0][len("is there ") : -1].split()[-2:]
-        assert not any(o.colour == colour or o.shape == shape for o in scene.objects)
-        assert f"{colour} {shape}" not in world.held_out_labels
+        plain = questions(scene, avoid=world.held_out_labels)
+        more = questions(scene, avoid=world.held_out_labels, training=True)
+        assert more[: len(plain)] == plain
+        extra, present = more[len(plain) :], {label(o.colour, o.shape) for o in scene.objects}
+        asked = {q[len("is there ") : -1].split(" ", 1)[1] for q, _ in more if q.startswith("is there ")}
+        assert present <= asked and all(q.startswith("is there ") for q, _ in extra)
+        named = [(q[len("is there ") : -1].split(" ", 1)[1], a) for q, a in extra]
+        assert all((name in present) == (a == "yes") for name, a in named)
+        easy = [n for n, a in named if a == "no" and not any(o.colour in n.split() or o.shape in n.split()
+                                                              for o in scene.objects)]  # fmt: skip
+        assert len(easy) == 1 and not set(n for n, _ in named) & set(world.held_out_labels)
+        yes, plausible = sum(a == "yes" for _, a in named), sum(a == "no" for _, a in named) - 1
+        attrs = {o.colour for o in scene.objects} | {o.shape for o in scene.objects}
+        left = [t for t in ALL_LABELS if t not in asked and t not in world.held_out_labels and set(t.split()) & attrs]
+        assert plausible == min(yes, len(left) + plausible)  # one per 'yes', unless they run out
+        assert len({q for q, _ in more}) == len(more)  # nothing asked twice
 
 
 def test_render_colour_at_centre():

@@ -39,6 +39,7 @@ class VLMDataConfig:
     max_length: int = 128  # longest training sequence in tokens (image tokens included); longer ones are skipped
     max_turns: int = 3  # stage 2 on the world: the longest multi-turn conversation (questions per image pass)
     single_questions: bool = True  # stage 2 on the world: every question also alone, besides the multi-turn ones
+    count_questions: int | None = 3  # the world (stages 0 and 2): "how many" questions per scene at most (null: all)
     # A batch's sequences sorted by length and run in this many pieces, each padded only to its own longest:
     # the same loss and gradients with less padding (the world's stage 2 wastes ~40% on it in one piece).
     length_buckets: int = 1
@@ -62,6 +63,8 @@ class VLMRunConfig:
     stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=1000, lr=2e-4))
 
     def __post_init__(self):
+        if self.data.count_questions is not None and self.data.count_questions < 0:
+            raise ConfigError(f"data.count_questions must be >= 0 or null (all), got {self.data.count_questions}")
         if self.data.length_buckets < 1:
             raise ConfigError(f"data.length_buckets must be >= 1 (1: one padded batch), got {self.data.length_buckets}")
         for stage in (0, 1):

@@ -232,18 +232,25 @@ CAPTION_REQUESTS = ("describe the image.", "what is in the picture?", "describe 
 
 
 def world_conversations(
-    scene: Scene, rng: np.random.Generator, avoid: Iterable[str] = (), max_turns: int = 3, singles: bool = True
+    scene: Scene, rng: np.random.Generator, avoid: Iterable[str] = (), max_turns: int = 3, singles: bool = True,
+    counts: int | None = 3,
 ) -> list[Conversation]:
     """Instruction data for one scene: a caption request, every question alone, and the questions again in
     multi-turn conversations of 2-3. The image comes first in the first user turn, as in LLaVA's data. Answers
     are questions()' one-word answers verbatim (VQA scores them by exact match); `avoid`: questions()' labels
     that 'no' questions must not mention (the held-out ones, in training). `max_turns`: the longest multi-turn
-    conversation; `singles`: whether every question also comes alone (one answer per image pass)."""
+    conversation; `singles`: whether every question also comes alone (one answer per image pass); `counts`:
+    at most this many of the scene's "how many" questions, drawn at random (None: all). They are ~40% of a
+    scene's questions and the first kind learnt; the steps they free go to the slower kinds."""
     image = IMAGE_TOKEN + "\n"
     texts = captions(scene)
     request = CAPTION_REQUESTS[rng.integers(len(CAPTION_REQUESTS))]
     out = [[("user", image + request), ("assistant", texts[rng.integers(len(texts))])]]
-    pairs = questions(scene, avoid=avoid, easy_no=True)
+    pairs = questions(scene, avoid=avoid, training=True)
+    tally = [i for i, (question, _) in enumerate(pairs) if question.startswith("how many ")]
+    if counts is not None and len(tally) > counts:
+        dropped = set(rng.choice(tally, len(tally) - counts, replace=False).tolist())
+        pairs = [pair for i, pair in enumerate(pairs) if i not in dropped]
     if singles:
         out += [[("user", image + question), ("assistant", answer)] for question, answer in pairs]
     order, start = rng.permutation(len(pairs)), 0
@@ -259,12 +266,13 @@ def world_conversations(
 
 
 def world_text(
-    scenes: Iterable[Scene], template: ChatTemplate, rng: np.random.Generator, avoid: Iterable[str] = ()
+    scenes: Iterable[Scene], template: ChatTemplate, rng: np.random.Generator, avoid: Iterable[str] = (),
+    counts: int | None = 3,
 ) -> list[str]:
     """The world's conversations rendered through the template, `<image>` placeholder included: text for
     tokenizer training and language-model pretraining."""
     avoid = list(avoid)
-    return [template.render(c) for scene in scenes for c in world_conversations(scene, rng, avoid)]
+    return [template.render(c) for scene in scenes for c in world_conversations(scene, rng, avoid, counts=counts)]
 
 
 def exact_match(prediction: str, answer: str) -> bool:

@@ -94,13 +94,15 @@ def captions(scene: Scene, rng: np.random.Generator | None = None) -> list[str]:
 
 
 def questions(
-    scene: Scene, rng: np.random.Generator | None = None, avoid: Iterable[str] = (), easy_no: bool = False
+    scene: Scene, rng: np.random.Generator | None = None, avoid: Iterable[str] = (), training: bool = False
 ) -> list[tuple[str, str]]:
     """(question, one-word answer) pairs, only those whose answer is unambiguous in this scene.
 
     `avoid`: labels that 'no' existence questions must not mention (e.g. the held-out ones in training).
-    `easy_no`: one more 'no' existence question, about an object whose colour and shape are both absent (for
-    training: one attribute answers it, which a model learns before it learns to check both)."""
+    `training`: more existence questions, appended: a 'yes' about every object, as many plausible 'no's, and
+    one easy 'no' about an object whose colour and shape are both absent (one attribute answers it, which a
+    model learns before it learns to check both). With one 'yes' and one 'no' per scene, yes/no stays at
+    chance in some runs (the model answers one word to all); with these it is learnt in every run so far."""
     if scene.digit is not None:
         return [("what digit is this?", str(scene.digit)), ("how many shapes are there?", "zero")]
     rng = rng or _scene_rng(scene, 2)
@@ -154,7 +156,13 @@ def questions(
                 qa.append((f"is the {a.label} left of the {b.label}?", "yes" if a.x < b.x else "no"))
             if abs(a.y - b.y) > 0.15:
                 qa.append((f"is the {a.label} above the {b.label}?", "yes" if a.y < b.y else "no"))
-    if easy_no:  # drawn last, so the other questions are the same with and without it
+    if training:  # drawn last, so the other questions are the same with and without them
+        asked = {q for q, _ in qa}
+        yes = [f"is there {with_article(t)}?" for t in sorted(present)]
+        no = [f"is there {with_article(t)}?" for t in near]
+        no = [q for q in no if q not in asked]
+        qa += [(q, "yes") for q in yes if q not in asked]
+        qa += [(no[i], "no") for i in rng.permutation(len(no))[: sum(q not in asked for q in yes)]]
         far = [t for t in ALL_LABELS if t not in avoid and not set(t.split()) & set(colours + shapes)]
         if far:
             qa.append((f"is there {with_article(far[rng.integers(len(far))])}?", "no"))

@@ -77,7 +77,7 @@ def build_model(config: VLMRunConfig) -> VisionLanguageModel:
         lm_state = lm.state_dict()
     else:
         texts = world_text(world_scenes(config, config.data.text_size), template, np.random.default_rng(config.train.seed),
-                           config.data.world.held_out)
+                           config.data.world.held_out, config.data.count_questions)
         tokenizer = Tokenizer.train(texts, vocab_size=model_config.lm.vocab_size)
     add_chat_tokens(tokenizer, template, model_config.image_token)
     model_config.image_token_id = tokenizer.backend.token_to_id(model_config.image_token)
@@ -118,7 +118,7 @@ def stage_examples(model: VisionLanguageModel, config: VLMRunConfig, stage: int)
     avoid = data.world.held_out
     tokenizer, template = model.tokenizer, model.template
     if stage == 0:  # text only: every token is a target, except the image placeholder (no image to predict)
-        texts = world_text(world_scenes(config, data.text_size), template, rng, avoid)
+        texts = world_text(world_scenes(config, data.text_size), template, rng, avoid, data.count_questions)
         ids = [tokenizer.encode(t)[: data.max_length] for t in texts]
         labels = [[IGNORE if i == model.config.image_token_id else i for i in row] for row in ids]
         return Examples(ids, labels, [-1] * len(ids), torch.empty(0, 3, 1, 1, dtype=torch.uint8))
@@ -161,7 +161,8 @@ def world_pairs(world: WorldConfig, n: int, stage: int, rng: np.random.Generator
         return pixels, [(i, [("user", f"{IMAGE_TOKEN}\n{CAPTION_REQUESTS[rng.integers(len(CAPTION_REQUESTS))]}"),
                              ("assistant", text)]) for i, scene in enumerate(scenes) for text in captions(scene)]  # fmt: skip
     return pixels, [(i, c) for i, scene in enumerate(scenes)
-                    for c in world_conversations(scene, rng, world.held_out, data.max_turns, data.single_questions)]  # fmt: skip
+                    for c in world_conversations(scene, rng, world.held_out, data.max_turns, data.single_questions,
+                                                 data.count_questions)]  # fmt: skip
 
 
 def llava_pairs(path: str, image_root: str | None, preprocess: Preprocess):
