@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 RUN_NAME := demo-$(shell date +%Y%m%d-%H%M%S)
-TOWER_STEPS ?= 1500
+TOWER_STEPS ?= 1800
 
 .PHONY: setup demo demo-siglip demo-vlm test test-all bench bench-vlm parity-open-clip lint clean
 
