@@ -101,8 +101,8 @@ def questions(
     `avoid`: labels that 'no' existence questions must not mention (e.g. the held-out ones in training).
     `training`: more existence questions, appended: a 'yes' about every object, as many plausible 'no's, and
     one easy 'no' about an object whose colour and shape are both absent (one attribute answers it, which a
-    model learns before it learns to check both). With one 'yes' and one 'no' per scene, yes/no stays at
-    chance in some runs (the model answers one word to all); with these it is learnt in every run so far."""
+    model learns before it learns to check both). With one 'yes' and one 'no' per scene, some runs answered
+    one word to every existence question; with these, most runs learn them (README: the assistant's runs)."""
     if scene.digit is not None:
         return [("what digit is this?", str(scene.digit)), ("how many shapes are there?", "zero")]
     rng = rng or _scene_rng(scene, 2)
