@@ -240,7 +240,7 @@ def world_conversations(
     are questions()' one-word answers verbatim (VQA scores them by exact match); `avoid`: questions()' labels
     that 'no' questions must not mention (the held-out ones, in training). `max_turns`: the longest multi-turn
     conversation; `singles`: whether every question also comes alone (one answer per image pass); `counts`:
-    at most this many of the scene's "how many" questions, drawn at random (None: all). They are ~40% of a
+    at most this many of the scene's "how many" questions, drawn at random (None: all). They are a third of a
     scene's questions and the first kind learnt; the steps they free go to the slower kinds."""
     image = IMAGE_TOKEN + "\n"
     texts = captions(scene)
