@@ -233,7 +233,7 @@ CAPTION_REQUESTS = ("describe the image.", "what is in the picture?", "describe 
 
 def world_conversations(
     scene: Scene, rng: np.random.Generator, avoid: Iterable[str] = (), max_turns: int = 3, singles: bool = True,
-    counts: int | None = 3,
+    counts: int | None = None,
 ) -> list[Conversation]:
     """Instruction data for one scene: a caption request, every question alone, and the questions again in
     multi-turn conversations of 2-3. The image comes first in the first user turn, as in LLaVA's data. Answers
@@ -267,7 +267,7 @@ def world_conversations(
 
 def world_text(
     scenes: Iterable[Scene], template: ChatTemplate, rng: np.random.Generator, avoid: Iterable[str] = (),
-    counts: int | None = 3,
+    counts: int | None = None,
 ) -> list[str]:
     """The world's conversations rendered through the template, `<image>` placeholder included: text for
     tokenizer training and language-model pretraining."""

@@ -158,11 +158,9 @@ def questions(
                 qa.append((f"is the {a.label} above the {b.label}?", "yes" if a.y < b.y else "no"))
     if training:  # drawn last, so the other questions are the same with and without them
         asked = {q for q, _ in qa}
-        yes = [f"is there {with_article(t)}?" for t in sorted(present)]
-        no = [f"is there {with_article(t)}?" for t in near]
-        no = [q for q in no if q not in asked]
-        qa += [(q, "yes") for q in yes if q not in asked]
-        qa += [(no[i], "no") for i in rng.permutation(len(no))[: sum(q not in asked for q in yes)]]
+        yes = [q for q in (f"is there {with_article(t)}?" for t in sorted(present)) if q not in asked]
+        no = [q for q in (f"is there {with_article(t)}?" for t in near) if q not in asked]
+        qa += [(q, "yes") for q in yes] + [(no[i], "no") for i in rng.permutation(len(no))[: len(yes)]]
         far = [t for t in ALL_LABELS if t not in avoid and not set(t.split()) & set(colours + shapes)]
         if far:
             qa.append((f"is there {with_article(far[rng.integers(len(far))])}?", "no"))
