@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vlfm.data.shapes import ALL_LABELS, ShapesWorld, WorldConfig, render_many
+from vlfm.data.shapes import ALL_LABELS, COLOURS, SHAPES, ShapesWorld, WorldConfig, render_many
 from vlfm.data.transforms import to_uint8_tensor
 from vlfm.data.world_text import captions, with_article
 from vlfm.eval.retrieval import retrieval
@@ -72,6 +72,7 @@ class WorldBenchmark:
             if name == "heldout":
                 single = zeroshot_classification(model, normalize(pixels), targets, self.classnames, templates[:1])
                 out["zeroshot_top1_single_template"] = single["top1"]
+                out.update(self.factors(model, normalize(pixels), targets, templates))
         if self.sets:
             out.update(self.unseen_words(model))
         if len(self.retrieval_images):
@@ -79,6 +80,19 @@ class WorldBenchmark:
             out.update(retrieval(model, pixels, self.queries, self.positives))
             strict = retrieval(model, pixels, self.queries, self.strict, ks=(1, 5))
             out.update({f"{k}_strict": v for k, v in strict.items()})
+        return out
+
+    @torch.no_grad()
+    def factors(self, model, pixels, targets: torch.Tensor, templates: list[str]) -> dict[str, float]:
+        """The held-out images' colour alone ("a red shape", 6-way) and shape alone ("a circle", 5-way): which
+        factor of a held-out combination the image tower fails to read."""
+        parts = [self.labels[t].split() for t in targets.tolist()]
+        out = {}
+        for key, names, i in (("colour", list(COLOURS), 0), ("shape", list(SHAPES), 1)):
+            classnames = [with_article(f"{n} shape" if key == "colour" else n) for n in names]
+            factor = torch.tensor([names.index(p[i]) for p in parts])
+            metrics = zeroshot_classification(model, pixels, factor, classnames, templates)
+            out[f"zeroshot_{key}_only_top1"] = metrics["top1"]
         return out
 
     @torch.no_grad()
