@@ -66,13 +66,14 @@ class WorldBenchmark:
         normalize = model.preprocess_config.normalize
         out: dict[str, float] = {}
         for name, (pixels, targets) in self.sets.items():
-            metrics = zeroshot_classification(model, normalize(pixels), targets, self.classnames, templates)
+            px = normalize(pixels)
+            metrics = zeroshot_classification(model, px, targets, self.classnames, templates)
             prefix = "zeroshot" if name == "heldout" else "zeroshot_seen"
             out.update({f"{prefix}_{k}": v for k, v in metrics.items()})
             if name == "heldout":
-                single = zeroshot_classification(model, normalize(pixels), targets, self.classnames, templates[:1])
+                single = zeroshot_classification(model, px, targets, self.classnames, templates[:1])
                 out["zeroshot_top1_single_template"] = single["top1"]
-                out.update(self.factors(model, normalize(pixels), targets, templates))
+                out.update(self.factors(model, px, targets, templates))
         if self.sets:
             out.update(self.unseen_words(model))
         if len(self.retrieval_images):
@@ -88,8 +89,8 @@ class WorldBenchmark:
         factor of a held-out combination the image tower fails to read."""
         parts = [self.labels[t].split() for t in targets.tolist()]
         out = {}
-        for key, names, i in (("colour", list(COLOURS), 0), ("shape", list(SHAPES), 1)):
-            classnames = [with_article(f"{n} shape" if key == "colour" else n) for n in names]
+        for key, names, i, form in (("colour", list(COLOURS), 0, "{} shape"), ("shape", list(SHAPES), 1, "{}")):
+            classnames = [with_article(form.format(n)) for n in names]
             factor = torch.tensor([names.index(p[i]) for p in parts])
             metrics = zeroshot_classification(model, pixels, factor, classnames, templates)
             out[f"zeroshot_{key}_only_top1"] = metrics["top1"]
