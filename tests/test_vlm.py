@@ -304,39 +304,45 @@ def test_image_position_code_names_row_and_column():
     assert 0.5 < flat.pow(2).mean().sqrt() < 1.0  # the scale of the projected features, not of token embeddings
 
 
-def test_stage_2_curriculum_asks_about_one_object_first(tmp_path, model):
-    """stage2.curriculum_steps: the first steps draw only from one-object scenes, the later ones only from the
-    configured world; without it the examples are those of before."""
+def test_stage_2_curriculum_asks_about_one_object_then_two(tmp_path, model):
+    """stage2.curriculum_steps=[2, 2]: steps 0-1 draw only from one-object scenes, steps 2-3 from two-object
+    scenes, the later ones only from the configured world; without it the examples are those of before."""
     import re
 
     from vlfm.train.vlm import VLMTask, stage_examples
 
-    config = tiny_vlm_config(tmp_path, "stage2.steps=6", "stage2.curriculum_steps=3", "data.length_buckets=2",
+    config = tiny_vlm_config(tmp_path, "stage2.steps=6", "stage2.curriculum_steps=[2,2]", "data.length_buckets=2",
                              "data.world.min_objects=2",
                              "data.world.max_objects=3")  # fmt: skip
     examples = stage_examples(model, config, 2)
     plain = stage_examples(model, tiny_vlm_config(tmp_path, "data.world.min_objects=2", "data.world.max_objects=3"), 2)
-    assert plain.easy == 0 and 0 < examples.easy < len(examples.ids)
-    assert examples.ids[examples.easy :] == plain.ids  # the configured world's sequences, unchanged, after them
+    assert plain.phases == [] and len(examples.phases) == 2 and min(examples.phases) > 0
+    one, two = examples.phases
+    assert examples.ids[one + two :] == plain.ids  # the configured world's sequences, unchanged, after them
+    # each pool's images (a two-object scene of the phase can equal one of the world's: same index, same draw)
+    pools = [examples.image[:one], examples.image[one : one + two], examples.image[one + two :]]
+    pools = [examples.pixels[sorted(set(rows))].flatten(1) for rows in pools]
     task = VLMTask(model, 2, examples, config)
-    easy_images = set(examples.image[: examples.easy])
-    assert easy_images.isdisjoint(examples.image[examples.easy :])
     for step in range(6):
         pixels = torch.cat([piece["pixels"] for piece in task.batch(step, 0) if piece["pixels"] is not None])
-        rows = [int((examples.pixels == image).flatten(1).all(1).nonzero()[0]) for image in pixels]
-        assert rows and all((r in easy_images) == (step < 3) for r in rows)
+        assert len(pixels) and all((pools[step // 2] == image.flatten()).all(1).any() for image in pixels), step
+        assert step >= 2 or not any((pools[2] == image.flatten()).all(1).any() for image in pixels)
 
     def counts(ids):  # the answers to "how many shapes are there?"
         return {a for row in ids for a in re.findall(r"how many shapes are there\?\s*(\w+)", model.tokenizer.decode(row))}
 
-    assert counts(examples.ids[: examples.easy]) == {"one"}
-    assert counts(examples.ids[examples.easy :]) == {"two", "three"}
+    assert counts(examples.ids[:one]) == {"one"}
+    assert counts(examples.ids[one : one + two]) == {"two"}
+    assert counts(examples.ids[one + two :]) == {"two", "three"}
 
 
 def test_curriculum_steps_and_length_buckets_are_checked():
-    for overrides, message in [(["stage1.curriculum_steps=5"], "only stage 2"),
-                               (["stage2.curriculum_steps=3"], "below stage2.steps=3"),
-                               (["stage2.curriculum_steps=1", "data.source=x.json"], "needs the built-in world"),
+    for overrides, message in [(["stage1.curriculum_steps=[5]"], "only stage 2"),
+                               (["stage2.curriculum_steps=[1,2]"], "below stage2.steps=3"),
+                               (["stage2.curriculum_steps=[-1]"], ">= 0 each"),
+                               (["stage2.curriculum_steps=[1]", "data.source=x.json"], "needs the built-in world"),
+                               (["stage2.steps=9", "stage2.curriculum_steps=[1,1,1,1]", "data.world.max_objects=3"],
+                                "at most data.world.max_objects=3"),
                                (["data.length_buckets=0"], "length_buckets must be >= 1")]:  # fmt: skip
         with pytest.raises(ConfigError, match=message):
             load_config(None, TINY_VLM + overrides)

@@ -21,9 +21,10 @@ class StageConfig:
     vision_lr: float = 0.0  # stage 2: > 0 trains the vision tower too, at this rate
     warmup_steps: int = 50
     lora_rank: int = 0  # stage 2: > 0 tunes the LM with LoRA adapters of this rank instead of all its weights
-    # stage 2 on the world: the first N steps ask only about scenes of one object. Reading where an object is
-    # is learnt there; with 2-3 objects from the start the LM never learns it (position stays at chance).
-    curriculum_steps: int = 0
+    # stage 2 on the world: [N1, N2, ...]: the first N1 steps ask only about scenes of one object, the next N2
+    # about scenes of two, and so on; then the configured world. Reading where an object is is learnt on one
+    # object; with 2-3 objects from the start the LM never learns it (position stays at chance).
+    curriculum_steps: list[int] = field(default_factory=list)
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj",
                                                              "gate_proj", "up_proj", "down_proj"])
@@ -71,10 +72,14 @@ class VLMRunConfig:
             if getattr(self, f"stage{stage}").curriculum_steps:
                 raise ConfigError(f"stage{stage}.curriculum_steps: only stage 2 has a curriculum")
         steps = self.stage2.curriculum_steps
-        if steps and self.data.source != "shapes":
+        if any(steps) and self.data.source != "shapes":
             raise ConfigError(f"stage2.curriculum_steps={steps} needs the built-in world (data.source=shapes)")
-        if not 0 <= steps < max(1, self.stage2.steps):
-            raise ConfigError(f"stage2.curriculum_steps={steps} must be >= 0 and below stage2.steps={self.stage2.steps}")
+        if any(n < 0 for n in steps) or sum(steps) >= max(1, self.stage2.steps):
+            raise ConfigError(f"stage2.curriculum_steps={steps} must be >= 0 each and sum to below "
+                              f"stage2.steps={self.stage2.steps}")
+        if len(steps) > self.data.world.max_objects:
+            raise ConfigError(f"stage2.curriculum_steps={steps}: phase k shows k objects, and the world has at most "
+                              f"data.world.max_objects={self.data.world.max_objects}")
 
     @property
     def run_dir(self) -> Path:

@@ -110,7 +110,7 @@ class Examples:
     image: list[int]
     pixels: torch.Tensor  # uint8 (N, 3, H, W)
     skipped: int = 0
-    easy: int = 0  # the first `easy` sequences are about one-object scenes: stage 2's curriculum
+    phases: list[int] = dataclasses.field(default_factory=list)  # stage 2's curriculum: sequences per phase, first
 
 
 def stage_examples(model: VisionLanguageModel, config: VLMRunConfig, stage: int) -> Examples:
@@ -122,28 +122,33 @@ def stage_examples(model: VisionLanguageModel, config: VLMRunConfig, stage: int)
         ids = [tokenizer.encode(t)[: data.max_length] for t in texts]
         labels = [[IGNORE if i == model.config.image_token_id else i for i in row] for row in ids]
         return Examples(ids, labels, [-1] * len(ids), torch.empty(0, 3, 1, 1, dtype=torch.uint8))
-    easy = 0
+    curriculum = config.stage2.curriculum_steps if stage == 2 else []
     if data.source == "shapes":
         if data.world.image_size != model.config.vision.image_size:
             raise ConfigError(f"data.world.image_size={data.world.image_size} differs from the vision tower's "
                               f"image_size={model.config.vision.image_size}; set data.world.image_size")
         pixels, pairs = world_pairs(data.world, data.train_size, stage, rng, config)
-        if stage == 2 and config.stage2.curriculum_steps:
-            one = dataclasses.replace(data.world, min_objects=1, max_objects=1, object_weights=None)
-            easy_pixels, easy_pairs = world_pairs(one, max(1, data.train_size // 2), stage, rng, config)
-            pairs = easy_pairs + [(len(easy_pixels) + i, c) for i, c in pairs]
-            pixels, easy = torch.cat([easy_pixels, pixels]), len(easy_pairs)
+        front = []  # the curriculum's phases, in order: phase k asks about scenes of exactly k + 1 objects
+        for k, steps in enumerate(curriculum):
+            if steps:
+                world = dataclasses.replace(data.world, min_objects=k + 1, max_objects=k + 1, object_weights=None)
+                more_pixels, more = world_pairs(world, max(1, data.train_size // 2), stage, rng, config)
+                front += [(len(pixels) + i, c, k) for i, c in more]
+                pixels = torch.cat([pixels, more_pixels])
+        triples = front + [(i, c, -1) for i, c in pairs]
     else:
         pixels, pairs = llava_pairs(data.source, data.image_root, model.preprocess_config)
-    out = Examples([], [], [], pixels)
-    for k, (image, conversation) in enumerate(pairs):
+        triples = [(i, c, -1) for i, c in pairs]
+    out = Examples([], [], [], pixels, phases=[0] * len(curriculum))
+    for image, conversation, phase in triples:
         ids, labels = encode_conversation(conversation, tokenizer, template)
         ids, labels = expand_image_tokens(ids, labels, model.config.image_token_id, model.image_tokens, int(image >= 0))
         if len(ids) > data.max_length:
             out.skipped += 1
             continue
         out.ids.append(ids), out.labels.append(labels), out.image.append(image)
-        out.easy += k < easy
+        if phase >= 0:
+            out.phases[phase] += 1
     if out.skipped:
         log.info("stage %d: %d sequences longer than data.max_length=%d skipped", stage, out.skipped, data.max_length)
     if not out.ids:
@@ -197,10 +202,14 @@ class VLMTask:
         stage_config: StageConfig = getattr(config, f"stage{stage}")
         self.config = stage_train_config(config, stage)
         self.device = model.device
-        self.easy = examples.easy  # rows [0, easy) serve the first curriculum_steps steps, the rest after them
-        self.curriculum_steps = stage_config.curriculum_steps if self.easy else 0
-        self.sampler = EpochSampler(len(examples.ids) - self.easy, self.config)
-        self.easy_sampler = EpochSampler(self.easy, self.config) if self.easy else None
+        # (last step, first row, sampler) per pool: each curriculum phase's rows serve its steps, in order, and
+        # the rows after them every later step
+        self.pools, step, row = [], 0, 0
+        for steps, rows in zip(stage_config.curriculum_steps, examples.phases):
+            if steps and rows:
+                self.pools.append((step + steps, row, EpochSampler(rows, self.config)))
+            step, row = step + steps, row + rows
+        self.pools.append((None, row, EpochSampler(len(examples.ids) - row, self.config)))
         self.buckets = config.data.length_buckets
         self.lr_mults = set_trainable(model, stage, stage_config)
         self._evaluate = evaluate
@@ -210,10 +219,8 @@ class VLMTask:
 
     def batch(self, step: int, micro: int) -> list[dict[str, torch.Tensor]]:
         """The step's sequences as `data.length_buckets` pieces of similar length, each padded to its longest."""
-        if step < self.curriculum_steps:
-            rows = self.easy_sampler(step, micro).tolist()
-        else:
-            rows = (self.sampler(step, micro) + self.easy).tolist()
+        _, first, sampler = next(pool for pool in self.pools if pool[0] is None or step < pool[0])
+        rows = (sampler(step, micro) + first).tolist()
         ex = self.examples
         if self.buckets > 1:
             rows.sort(key=lambda r: len(ex.ids[r]))
