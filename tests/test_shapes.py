@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -10,6 +12,7 @@ from vlfm.data.shapes import (
     Scene,
     ShapesWorld,
     WorldConfig,
+    _grey_level,
     label,
     render_many,
 )
@@ -338,6 +341,16 @@ def test_grey_scenes_only_in_training_and_never_name_colours():
         words |= {w for q, a in questions(scene) for w in (q + " " + a).split()}
         assert not words & set(COLOURS), words & set(COLOURS)
         assert all(o.shape in captions(scene)[0] for o in scene.objects)
+    # nor do their pixels: an object's grey level is drawn whatever its colour (a converted colour render kept
+    # each colour's luminance, blue ~62 ... yellow ~202), and always stands 45 levels clear of the background
+    scene = grey[0]
+    recoloured = replace(scene, objects=tuple(replace(o, colour="yellow") for o in scene.objects))
+    assert np.array_equal(np.asarray(world.render(scene)), np.asarray(world.render(recoloured)))
+    rng = np.random.default_rng(0)
+    for background in (130.0, 215.0):
+        levels = np.array([_grey_level(rng, background) for _ in range(2000)])
+        assert np.abs(levels - background).min() >= 44 and levels.min() < 10 and levels.max() > background - 50
+        assert (levels > background).any() == (background < 200)
     # the same index gives the same scene whether or not grey scenes are enabled (only the flag differs)
     plain = ShapesWorld(WorldConfig())
     assert plain.scene("train", 5).objects == world.scene("train", 5).objects

@@ -254,18 +254,30 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, rx: float
         raise ValueError(f"unknown shape {shape!r}; shapes: {', '.join(SHAPES)}")
 
 
+def _grey_level(rng: np.random.Generator, background: float) -> int:
+    """A grey scene's object intensity: uniform over what contrasts with the background, whatever the object's
+    colour. Converting the colour render instead keeps each colour's luminance (blue ~62 ... yellow ~202), a
+    colour cue the tower could learn shapes by."""
+    lo, hi = max(0.0, background - 45), min(255.0, background + 45)  # too close to the background
+    level = rng.uniform(0, 255 - (hi - lo))
+    return int(level if level < lo else level + (hi - lo))
+
+
 def render(scene: Scene, image_size: int = 64) -> Image.Image:
     if scene.digit is not None:
         return render_glyph(scene.digit, scene.background, image_size)
     rng = np.random.default_rng(scene.background % 2**32)
     n, s = image_size, image_size * _SUPERSAMPLE
-    bg = Image.fromarray(np.clip(_background(rng, n), 0, 255).astype(np.uint8)).resize((s, s), Image.NEAREST)
+    back = _background(rng, n)
+    bg = Image.fromarray(np.clip(back, 0, 255).astype(np.uint8)).resize((s, s), Image.NEAREST)
     draw = ImageDraw.Draw(bg)
     for obj in scene.objects:
         lo, hi = SIZE_EXTENT[obj.size]
         extent = rng.uniform(lo, hi) * s
         rx, ry = extent / 2 * rng.uniform(0.92, 1.0, size=2)  # a little aspect jitter, never beyond the box
         colour = np.clip(np.array(COLOURS[obj.colour]) + rng.integers(-15, 16, size=3), 0, 255)
+        if scene.grey:
+            colour = np.full(3, _grey_level(rng, float(back.mean())))
         _draw(draw, obj.shape, obj.x * s, obj.y * s, rx, ry, tuple(int(c) for c in colour))
     img = np.asarray(bg.resize((n, n), Image.BOX), dtype=np.float32)
     # Pixel noise after compositing: objects are not flat colour either, so colour is a region statistic.
