@@ -271,13 +271,14 @@ def render(scene: Scene, image_size: int = 64) -> Image.Image:
     back = _background(rng, n)
     bg = Image.fromarray(np.clip(back, 0, 255).astype(np.uint8)).resize((s, s), Image.NEAREST)
     draw = ImageDraw.Draw(bg)
+    background = float(back.mean())
     for obj in scene.objects:
         lo, hi = SIZE_EXTENT[obj.size]
         extent = rng.uniform(lo, hi) * s
         rx, ry = extent / 2 * rng.uniform(0.92, 1.0, size=2)  # a little aspect jitter, never beyond the box
         colour = np.clip(np.array(COLOURS[obj.colour]) + rng.integers(-15, 16, size=3), 0, 255)
         if scene.grey:
-            colour = np.full(3, _grey_level(rng, float(back.mean())))
+            colour = np.full(3, _grey_level(rng, background))
         _draw(draw, obj.shape, obj.x * s, obj.y * s, rx, ry, tuple(int(c) for c in colour))
     img = np.asarray(bg.resize((n, n), Image.BOX), dtype=np.float32)
     # Pixel noise after compositing: objects are not flat colour either, so colour is a region statistic.

@@ -110,7 +110,7 @@ class Examples:
     image: list[int]
     pixels: torch.Tensor  # uint8 (N, 3, H, W)
     skipped: int = 0
-    phases: list[int] = dataclasses.field(default_factory=list)  # stage 2's curriculum: sequences per phase, first
+    phases: list[int] = dataclasses.field(default_factory=list)  # sequences in each curriculum phase; those rows come first, in phase order
 
 
 def stage_examples(model: VisionLanguageModel, config: VLMRunConfig, stage: int) -> Examples:
