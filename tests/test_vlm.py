@@ -3,6 +3,7 @@ save/load, chat, the staged run and its CLI, bad input."""
 
 import io
 import json
+import shutil
 
 import pytest
 import torch
@@ -181,6 +182,10 @@ def test_staged_run_cli_chat_eval_and_stage_rerun(tmp_path, capsys, monkeypatch)
     # stage 2 again from the saved stage-1 model, under another name: refused without --resume in the same dir
     with pytest.raises(ConfigError, match="--resume"):
         run(config, stage=2)
+    # a stage goes on from the earlier stage's saved model: a run config that describes another model is refused
+    shutil.copytree(run_dir / "stage1", tmp_path / "other" / "stage1")
+    with pytest.raises(ConfigError, match=r"model.feature_layer=-1 \(it has -2\)"):
+        run(tiny_vlm_config(tmp_path, "model.feature_layer=-1", name="other"), stage=2)
 
 
 def test_stage_needs_the_earlier_stage(tmp_path):

@@ -315,7 +315,7 @@ def run_vlm(config: VLMRunConfig, device: torch.device, resume: bool = False, st
     previous = next((run_dir / f"stage{s}" / "model" for s in range(first - 1, -1, -1)
                      if (run_dir / f"stage{s}" / "model").is_dir()), None)  # fmt: skip
     if first > 0 and previous is not None:
-        model = vlfm.load(previous)
+        model = check_continues(vlfm.load(previous), config, previous)
     elif first > 0 and stage is not None:
         raise ConfigError(f"--stage {stage} continues the model of an earlier stage, but {run_dir} has none; "
                           "run the earlier stages first")
@@ -334,7 +334,7 @@ def run_vlm(config: VLMRunConfig, device: torch.device, resume: bool = False, st
         if not resume and latest_checkpoint(stage_dir) is not None:
             raise ConfigError(f"{stage_dir} already holds stage {s}; pass --resume to continue it")
         if resume and (stage_dir / "model").is_dir():  # finished before the interruption
-            model = vlfm.load(stage_dir / "model").to(device)
+            model = check_continues(vlfm.load(stage_dir / "model"), config, stage_dir / "model").to(device)
             continue
         examples = stage_examples(model, config, s)
         log.info("stage %d: %d sequences, %d steps of %d", s, len(examples.ids), stage_config.steps, stage_config.batch_size)
@@ -351,6 +351,18 @@ def run_vlm(config: VLMRunConfig, device: torch.device, resume: bool = False, st
     metrics = evaluate_vlm(model, config)
     (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def check_continues(model: VisionLanguageModel, config: VLMRunConfig, source) -> VisionLanguageModel:
+    """A stage that goes on from an earlier stage's saved model takes that model's settings, not the run's:
+    refuse a run whose model section says otherwise (e.g. another feature_layer), rather than ignore it."""
+    names = ("projector", "shuffle_factor", "feature_layer", "image_pos_embed", "image_token", "template")
+    diff = [f"model.{n}={getattr(config.model, n)!r} (it has {getattr(model.config, n)!r})"
+            for n in names if getattr(config.model, n) != getattr(model.config, n)]  # fmt: skip
+    if diff:
+        raise ConfigError(f"{source} was built with other model settings than this run: {', '.join(diff)}; "
+                          "train from stage 0 under a new name to change them")
+    return model
 
 
 def evaluate_vlm(model: VisionLanguageModel, config: VLMRunConfig) -> dict:
