@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vlfm.config import ConfigError, TrainConfig, VLMConfig
 from vlfm.data.shapes import WorldConfig
+from vlfm.data.world_text import KINDS
 
 
 @dataclass
@@ -25,9 +26,29 @@ class StageConfig:
     # about scenes of two, and so on; then the configured world. Reading where an object is is learnt on one
     # object; with 2-3 objects from the start the LM never learns it (position stays at chance).
     curriculum_steps: list[int] = field(default_factory=list)
+    # stage 2 on the world: focus_steps steps from step focus_start (null: right after the curriculum) that ask
+    # only questions of focus_kinds (as the VQA benchmark names them: relation, existence, ...), each alone; the
+    # configured world's conversations before and after. Relations stay at chance among all the other questions
+    # and are learnt in ~150 steps of their own, once the rest is (README: the assistant's runs).
+    focus_steps: int = 0
+    focus_start: int | None = None
+    focus_kinds: list[str] = field(default_factory=lambda: ["relation"])
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj",
                                                              "gate_proj", "up_proj", "down_proj"])
+
+    @property
+    def phase_windows(self) -> list[tuple[int, int]]:
+        """[start, end) steps of the phases that are not the configured world: the curriculum's, one after the
+        other from step 0, then the focus phase's."""
+        out, step = [], 0
+        for n in self.curriculum_steps:
+            out.append((step, step + n))
+            step += n
+        if self.focus_steps:
+            start = step if self.focus_start is None else self.focus_start
+            out.append((start, start + self.focus_steps))
+        return out
 
 
 @dataclass
@@ -69,14 +90,22 @@ class VLMRunConfig:
         if self.data.length_buckets < 1:
             raise ConfigError(f"data.length_buckets must be >= 1 (1: one padded batch), got {self.data.length_buckets}")
         for stage in (0, 1):
-            if getattr(self, f"stage{stage}").curriculum_steps:
-                raise ConfigError(f"stage{stage}.curriculum_steps: only stage 2 has a curriculum")
+            if getattr(self, f"stage{stage}").phase_windows:
+                raise ConfigError(f"stage{stage}: only stage 2 has a curriculum and a focus phase")
+        s2 = self.stage2
+        if s2.phase_windows and self.data.source != "shapes":
+            raise ConfigError("stage2.curriculum_steps and focus_steps need the built-in world (data.source=shapes)")
+        if any(n < 0 for n in s2.curriculum_steps + [s2.focus_steps]) or sum(s2.curriculum_steps) + s2.focus_steps >= max(1, s2.steps):
+            raise ConfigError(f"stage2.curriculum_steps={s2.curriculum_steps} and focus_steps={s2.focus_steps} must be "
+                              f">= 0 each and sum to below stage2.steps={s2.steps}")
+        if s2.focus_steps and not sum(s2.curriculum_steps) <= s2.phase_windows[-1][0] < s2.phase_windows[-1][1] < s2.steps:
+            raise ConfigError(f"stage2.focus_start={s2.focus_start}: the focus phase starts after the curriculum "
+                              f"(step {sum(s2.curriculum_steps)}) and ends before stage2.steps={s2.steps}")
+        unknown = sorted(set(self.stage2.focus_kinds) - {kind for kind, _ in KINDS})
+        if unknown or not self.stage2.focus_kinds:
+            raise ConfigError(f"stage2.focus_kinds={self.stage2.focus_kinds}: name one or more question kinds of "
+                              f"{', '.join(kind for kind, _ in KINDS)}")
         steps = self.stage2.curriculum_steps
-        if any(steps) and self.data.source != "shapes":
-            raise ConfigError(f"stage2.curriculum_steps={steps} needs the built-in world (data.source=shapes)")
-        if any(n < 0 for n in steps) or sum(steps) >= max(1, self.stage2.steps):
-            raise ConfigError(f"stage2.curriculum_steps={steps} must be >= 0 each and sum to below "
-                              f"stage2.steps={self.stage2.steps}")
         if len(steps) > self.data.world.max_objects:
             raise ConfigError(f"stage2.curriculum_steps={steps}: phase k shows k objects, and the world has at most "
                               f"data.world.max_objects={self.data.world.max_objects}")

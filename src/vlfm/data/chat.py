@@ -20,7 +20,7 @@ import numpy as np
 
 from vlfm.data.shapes import Scene
 from vlfm.data.tokenizer import Tokenizer
-from vlfm.data.world_text import captions, questions
+from vlfm.data.world_text import captions, question_kind, questions
 
 log = logging.getLogger("vlfm")
 
@@ -233,7 +233,7 @@ CAPTION_REQUESTS = ("describe the image.", "what is in the picture?", "describe 
 
 def world_conversations(
     scene: Scene, rng: np.random.Generator, avoid: Iterable[str] = (), max_turns: int = 3, singles: bool = True,
-    counts: int | None = None,
+    counts: int | None = None, kinds: Iterable[str] | None = None,
 ) -> list[Conversation]:
     """Instruction data for one scene: a caption request, every question alone, and the questions again in
     multi-turn conversations of 2-3. The image comes first in the first user turn, as in LLaVA's data. Answers
@@ -241,8 +241,12 @@ def world_conversations(
     that 'no' questions must not mention (the held-out ones, in training). `max_turns`: the longest multi-turn
     conversation; `singles`: whether every question also comes alone (one answer per image pass); `counts`:
     at most this many of the scene's "how many" questions, drawn at random (None: all). They are a third of a
-    scene's questions and the first kind learnt; the steps they free go to the slower kinds."""
+    scene's questions and the first kind learnt; the steps they free go to the slower kinds. `kinds`: only
+    the questions of these kinds (question_kind), each alone, and nothing else (a focus phase)."""
     image = IMAGE_TOKEN + "\n"
+    if kinds is not None:
+        return [[("user", image + question), ("assistant", answer)]
+                for question, answer in questions(scene, avoid=avoid, training=True) if question_kind(question) in kinds]  # fmt: skip
     texts = captions(scene)
     request = CAPTION_REQUESTS[rng.integers(len(CAPTION_REQUESTS))]
     out = [[("user", image + request), ("assistant", texts[rng.integers(len(texts))])]]

@@ -5,6 +5,7 @@ Pure functions of the scene (a per-scene seed drives the choices), so any scene'
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import numpy as np
@@ -14,6 +15,15 @@ from vlfm.data.shapes import ALL_LABELS, COLOURS, SHAPES, Obj, Scene
 
 NUMBERS = ("zero", "one", "two", "three", "four")
 PLURALS = {s: s + ("es" if s.endswith("ss") else "s") for s in SHAPES}
+
+# First matching pattern names a question's kind (the order matters: "is there" before "left of").
+KINDS = [("count", r"^how many"), ("colour", r"^what colou?r"), ("shape", r"^what shape"), ("digit", r"digit"),
+         ("size", r"big or small"), ("existence", r"^is there"), ("relation", r" (left of|above) "),
+         ("position", r"left or the right|top or the bottom|^where")]  # fmt: skip
+
+
+def question_kind(question: str) -> str:
+    return next((kind for kind, pattern in KINDS if re.search(pattern, question)), "other")
 
 
 def _scene_rng(scene: Scene, salt: int) -> np.random.Generator:

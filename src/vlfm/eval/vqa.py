@@ -3,24 +3,14 @@ and scored by exact match against the world's one-word answers, overall and per 
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 
 import torch
 
 from vlfm.data.chat import exact_match
 from vlfm.data.shapes import ShapesWorld, WorldConfig, render_many
-from vlfm.data.world_text import questions
+from vlfm.data.world_text import question_kind, questions
 from vlfm.models.vlm import left_pad
-
-# First matching pattern names a question's kind (the order matters: "is there" before "left of").
-KINDS = [("count", r"^how many"), ("colour", r"^what colou?r"), ("shape", r"^what shape"), ("digit", r"digit"),
-         ("size", r"big or small"), ("existence", r"^is there"), ("relation", r" (left of|above) "),
-         ("position", r"left or the right|top or the bottom|^where")]  # fmt: skip
-
-
-def question_kind(question: str) -> str:
-    return next((kind for kind, pattern in KINDS if re.search(pattern, question)), "other")
 
 
 class VQASet:

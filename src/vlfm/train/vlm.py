@@ -110,7 +110,7 @@ class Examples:
     image: list[int]
     pixels: torch.Tensor  # uint8 (N, 3, H, W)
     skipped: int = 0
-    phases: list[int] = dataclasses.field(default_factory=list)  # sequences in each curriculum phase; those rows come first, in phase order
+    phases: list[int] = dataclasses.field(default_factory=list)  # sequences in each curriculum / focus phase; those rows come first, in phase order
 
 
 def stage_examples(model: VisionLanguageModel, config: VLMRunConfig, stage: int) -> Examples:
@@ -123,6 +123,7 @@ def stage_examples(model: VisionLanguageModel, config: VLMRunConfig, stage: int)
         labels = [[IGNORE if i == model.config.image_token_id else i for i in row] for row in ids]
         return Examples(ids, labels, [-1] * len(ids), torch.empty(0, 3, 1, 1, dtype=torch.uint8))
     curriculum = config.stage2.curriculum_steps if stage == 2 else []
+    focus = config.stage2.focus_steps if stage == 2 else 0
     if data.source == "shapes":
         if data.world.image_size != model.config.vision.image_size:
             raise ConfigError(f"data.world.image_size={data.world.image_size} differs from the vision tower's "
@@ -135,11 +136,16 @@ def stage_examples(model: VisionLanguageModel, config: VLMRunConfig, stage: int)
                 more_pixels, more = world_pairs(world, max(1, data.train_size // 2), stage, rng, config)
                 front += [(len(pixels) + i, c, k) for i, c in more]
                 pixels = torch.cat([pixels, more_pixels])
+        if focus:  # then the focus phase: only its kinds of question, about the first half of the training scenes
+            more_pixels, more = world_pairs(data.world, max(1, data.train_size // 2), stage, rng, config,
+                                            kinds=config.stage2.focus_kinds)  # fmt: skip
+            front += [(len(pixels) + i, c, len(curriculum)) for i, c in more]
+            pixels = torch.cat([pixels, more_pixels])
         triples = front + [(i, c, -1) for i, c in pairs]
     else:
         pixels, pairs = llava_pairs(data.source, data.image_root, model.preprocess_config)
         triples = [(i, c, -1) for i, c in pairs]
-    out = Examples([], [], [], pixels, phases=[0] * len(curriculum))
+    out = Examples([], [], [], pixels, phases=[0] * (len(curriculum) + bool(focus)))
     for image, conversation, phase in triples:
         ids, labels = encode_conversation(conversation, tokenizer, template)
         ids, labels = expand_image_tokens(ids, labels, model.config.image_token_id, model.image_tokens, int(image >= 0))
@@ -156,9 +162,10 @@ def stage_examples(model: VisionLanguageModel, config: VLMRunConfig, stage: int)
     return out
 
 
-def world_pairs(world: WorldConfig, n: int, stage: int, rng: np.random.Generator, config: VLMRunConfig):
+def world_pairs(world: WorldConfig, n: int, stage: int, rng: np.random.Generator, config: VLMRunConfig,
+                kinds: list[str] | None = None):  # fmt: skip
     """uint8 pixels of `n` rendered training scenes and (image row, conversation) pairs: stage 1 every caption
-    under a random request, stage 2 the instruction conversations."""
+    under a random request, stage 2 the instruction conversations (`kinds`: only those questions, each alone)."""
     data = config.data
     images, scenes = render_many(ShapesWorld(world), "train", n, workers=data.workers)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
@@ -167,7 +174,7 @@ def world_pairs(world: WorldConfig, n: int, stage: int, rng: np.random.Generator
                              ("assistant", text)]) for i, scene in enumerate(scenes) for text in captions(scene)]  # fmt: skip
     return pixels, [(i, c) for i, scene in enumerate(scenes)
                     for c in world_conversations(scene, rng, world.held_out, data.max_turns, data.single_questions,
-                                                 data.count_questions)]  # fmt: skip
+                                                 data.count_questions, kinds)]  # fmt: skip
 
 
 def llava_pairs(path: str, image_root: str | None, preprocess: Preprocess):
@@ -202,14 +209,14 @@ class VLMTask:
         stage_config: StageConfig = getattr(config, f"stage{stage}")
         self.config = stage_train_config(config, stage)
         self.device = model.device
-        # (last step, first row, sampler) per pool: each curriculum phase's rows serve its steps, in order, and
-        # the rows after them every later step
-        self.pools, step, row = [], 0, 0
-        for steps, rows in zip(stage_config.curriculum_steps, examples.phases):
-            if steps and rows:
-                self.pools.append((step + steps, row, EpochSampler(rows, self.config)))
-            step, row = step + steps, row + rows
-        self.pools.append((None, row, EpochSampler(len(examples.ids) - row, self.config)))
+        # (first step, end step, first row, sampler) per phase: the curriculum's and the focus phase's rows serve
+        # their own steps; the configured world's rows (after theirs) every other step
+        self.pools, row = [], 0
+        for (start, end), rows in zip(stage_config.phase_windows, examples.phases):
+            if end > start and rows:
+                self.pools.append((start, end, row, EpochSampler(rows, self.config)))
+            row += rows
+        self.world = (row, EpochSampler(len(examples.ids) - row, self.config))
         self.buckets = config.data.length_buckets
         self.lr_mults = set_trainable(model, stage, stage_config)
         self._evaluate = evaluate
@@ -219,7 +226,7 @@ class VLMTask:
 
     def batch(self, step: int, micro: int) -> list[dict[str, torch.Tensor]]:
         """The step's sequences as `data.length_buckets` pieces of similar length, each padded to its longest."""
-        _, first, sampler = next(pool for pool in self.pools if pool[0] is None or step < pool[0])
+        first, sampler = next(((row, sampler) for start, end, row, sampler in self.pools if start <= step < end), self.world)
         rows = (sampler(step, micro) + first).tolist()
         ex = self.examples
         if self.buckets > 1:
