@@ -364,6 +364,9 @@ def test_stage_2_focus_phase_asks_only_its_kinds_in_its_steps(tmp_path, model):
 
     assert all(asks_one_relation(row) for row in examples.ids[one : one + focus])
     assert all(row.count(model.config.image_token_id) == model.image_tokens for row in examples.ids[one : one + focus])
+    one_object = tiny_vlm_config(tmp_path, "stage2.steps=7", "stage2.focus_steps=2", "data.world.max_objects=1")
+    with pytest.raises(ConfigError, match=r"focus_kinds=\['relation'\]: the world's scenes ask no such question"):
+        stage_examples(model, one_object, 2)  # one object: no relation to ask about
     task = VLMTask(model, 2, examples, config)
     for step in range(7):  # steps 3-4 serve the focus phase only; 0-1 one object (no relation); the others all
         asks = [asks_one_relation(row.tolist()) for piece in task.batch(step, 0) for row in piece["ids"]]

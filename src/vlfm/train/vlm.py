@@ -159,6 +159,9 @@ def stage_examples(model: VisionLanguageModel, config: VLMRunConfig, stage: int)
         log.info("stage %d: %d sequences longer than data.max_length=%d skipped", stage, out.skipped, data.max_length)
     if not out.ids:
         raise ConfigError(f"stage {stage} has no training sequences (data.source={data.source})")
+    if focus and not out.phases[-1]:
+        raise ConfigError(f"stage2.focus_kinds={config.stage2.focus_kinds}: the world's scenes ask no such question "
+                          f"(data.world: {data.world.min_objects}-{data.world.max_objects} objects)")
     return out
 
 
