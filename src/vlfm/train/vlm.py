@@ -128,19 +128,19 @@ def stage_examples(model: VisionLanguageModel, config: VLMRunConfig, stage: int)
         if data.world.image_size != model.config.vision.image_size:
             raise ConfigError(f"data.world.image_size={data.world.image_size} differs from the vision tower's "
                               f"image_size={model.config.vision.image_size}; set data.world.image_size")
-        pixels, pairs = world_pairs(data.world, data.train_size, stage, rng, config)
+        pixels, scenes = render_world(data.world, data.train_size, data.workers)
+        pairs = scene_pairs(scenes, stage, rng, config)
         front = []  # the curriculum's phases, in order: phase k asks about scenes of exactly k + 1 objects
         for k, steps in enumerate(curriculum):
             if steps:
                 world = dataclasses.replace(data.world, min_objects=k + 1, max_objects=k + 1, object_weights=None)
-                more_pixels, more = world_pairs(world, max(1, data.train_size // 2), stage, rng, config)
+                more_pixels, more_scenes = render_world(world, max(1, data.train_size // 2), data.workers)
+                more = scene_pairs(more_scenes, stage, rng, config)
                 front += [(len(pixels) + i, c, k) for i, c in more]
                 pixels = torch.cat([pixels, more_pixels])
         if focus:  # then the focus phase: only its kinds of question, about the first half of the training scenes
-            more_pixels, more = world_pairs(data.world, max(1, data.train_size // 2), stage, rng, config,
-                                            kinds=config.stage2.focus_kinds)  # fmt: skip
-            front += [(len(pixels) + i, c, len(curriculum)) for i, c in more]
-            pixels = torch.cat([pixels, more_pixels])
+            more = scene_pairs(scenes[: max(1, data.train_size // 2)], stage, rng, config, config.stage2.focus_kinds)
+            front += [(i, c, len(curriculum)) for i, c in more]  # rows of the main render: nothing rendered twice
         triples = front + [(i, c, -1) for i, c in pairs]
     else:
         pixels, pairs = llava_pairs(data.source, data.image_root, model.preprocess_config)
@@ -165,19 +165,23 @@ def stage_examples(model: VisionLanguageModel, config: VLMRunConfig, stage: int)
     return out
 
 
-def world_pairs(world: WorldConfig, n: int, stage: int, rng: np.random.Generator, config: VLMRunConfig,
+def render_world(world: WorldConfig, n: int, workers: int) -> tuple[torch.Tensor, list]:
+    """uint8 [n, 3, H, W] pixels of the world's first `n` training scenes, and the scenes."""
+    images, scenes = render_many(ShapesWorld(world), "train", n, workers=workers)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), scenes
+
+
+def scene_pairs(scenes: list, stage: int, rng: np.random.Generator, config: VLMRunConfig,
                 kinds: list[str] | None = None):  # fmt: skip
-    """uint8 pixels of `n` rendered training scenes and (image row, conversation) pairs: stage 1 every caption
-    under a random request, stage 2 the instruction conversations (`kinds`: only those questions, each alone)."""
+    """(image row, conversation) pairs of rendered scenes: stage 1 every caption under a random request, stage 2
+    the instruction conversations (`kinds`: only those questions, each alone)."""
     data = config.data
-    images, scenes = render_many(ShapesWorld(world), "train", n, workers=data.workers)
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     if stage == 1:
-        return pixels, [(i, [("user", f"{IMAGE_TOKEN}\n{CAPTION_REQUESTS[rng.integers(len(CAPTION_REQUESTS))]}"),
-                             ("assistant", text)]) for i, scene in enumerate(scenes) for text in captions(scene)]  # fmt: skip
-    return pixels, [(i, c) for i, scene in enumerate(scenes)
-                    for c in world_conversations(scene, rng, world.held_out, data.max_turns, data.single_questions,
-                                                 data.count_questions, kinds)]  # fmt: skip
+        return [(i, [("user", f"{IMAGE_TOKEN}\n{CAPTION_REQUESTS[rng.integers(len(CAPTION_REQUESTS))]}"),
+                     ("assistant", text)]) for i, scene in enumerate(scenes) for text in captions(scene)]  # fmt: skip
+    return [(i, c) for i, scene in enumerate(scenes)
+            for c in world_conversations(scene, rng, data.world.held_out, data.max_turns, data.single_questions,
+                                         data.count_questions, kinds)]  # fmt: skip
 
 
 def llava_pairs(path: str, image_root: str | None, preprocess: Preprocess):
