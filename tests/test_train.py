@@ -119,6 +119,37 @@ def test_augmented_batches_are_deterministic_crops(tmp_path):
     assert not torch.equal(p["images"], a["images"])
 
 
+def test_hard_negatives_join_the_batch_and_the_loss(tmp_path):
+    """train.hard_negatives: a batch's texts are its captions, then each caption's hard negative from the world;
+    the loss is clip_loss with those negatives (checked against the texts re-encoded by hand). Settings the
+    negatives cannot run with fail early."""
+    from vlfm.config import ConfigError
+    from vlfm.losses import clip_loss
+    from vlfm.train.contrastive import ContrastiveTask
+
+    config = tiny_config(tmp_path, "train.hard_negatives=true", "data.eval_size=0", "data.classify_size=0")
+    task = ContrastiveTask(config, torch.device("cpu"))
+    batch = task.batch(2, 0)
+    assert batch["input_ids"].shape[0] == 64 and len(batch["caption"]) == len(batch["negative"]) == 32
+    captions = {c for caps in task.data.captions for c in caps}
+    decode = task.tokenizer.decode
+    texts = [decode([i for i in row.tolist() if i != task.tokenizer.pad_id]) for row in batch["input_ids"]]
+    assert all(t in captions for t in texts[:32])
+    for row, text, negative in zip(task.sampler.indices(task.sampler.positions(2, 0)).tolist(), texts[:32], texts[32:]):
+        assert negative == task.data.negatives[row][task.data.captions[row].index(text)]  # the caption's own negative
+    loss, _ = task.loss(batch)
+    model = task.model.eval()
+    with torch.no_grad():
+        image, text, scale, _ = model(task.preprocess.normalize(batch["images"]), *task.tokenizer(texts, 32))
+        expected = clip_loss(image, text[:32], scale, keys=batch["caption"], negatives=text[32:],
+                             negative_keys=batch["negative"])  # fmt: skip
+        plain = clip_loss(image, text[:32], scale, keys=batch["caption"])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4) and loss.item() != pytest.approx(plain.item())
+    for bad, match in (("data.source=captions.csv", "needs data.source=shapes"), ("train.loss_chunk=8", "loss_chunk=0")):
+        with pytest.raises(ConfigError, match=match):
+            ContrastiveTask(tiny_config(tmp_path, "train.hard_negatives=true", bad), torch.device("cpu"))
+
+
 def test_training_state_records_the_data_position(trained_run):
     state = json.loads((trained_run / "checkpoints" / "step_00000006" / "train_state.json").read_text())
     assert state["step"] == 6 and state["samples_seen"] == 6 * 32

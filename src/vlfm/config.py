@@ -226,6 +226,7 @@ class TrainConfig:
     lock_text: bool = False  # LiT: the text tower (from model.text_init) stays frozen; only the image side learns
     loss_chunk: int = 0  # > 0: the contrastive loss over blocks of this many texts (O(B x chunk) memory); 0: full matrix
     gradcache: bool = False  # contrastive: grad_accum micro-batches share one loss over the whole batch (GradCache)
+    hard_negatives: bool = False  # built-in world: each image also ranks against its caption with one detail changed
 
     def __post_init__(self):
         _check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
