@@ -119,15 +119,17 @@ def test_augmented_batches_are_deterministic_crops(tmp_path):
     assert not torch.equal(p["images"], a["images"])
 
 
-def test_hard_negatives_join_the_batch_and_the_loss(tmp_path):
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_hard_negatives_join_the_batch_and_the_loss(tmp_path, kind):
     """train.hard_negatives: a batch's texts are its captions, then each caption's hard negative from the world;
-    the loss is clip_loss with those negatives (checked against the texts re-encoded by hand). Settings the
-    negatives cannot run with fail early."""
+    the loss is the kind's loss with those negatives (checked against the texts re-encoded by hand). Settings
+    the negatives cannot run with fail early."""
     from vlfm.config import ConfigError
-    from vlfm.losses import clip_loss
+    from vlfm.losses import clip_loss, siglip_loss
     from vlfm.train.contrastive import ContrastiveTask
 
-    config = tiny_config(tmp_path, "train.hard_negatives=true", "data.eval_size=0", "data.classify_size=0")
+    config = tiny_config(tmp_path, "train.hard_negatives=true", "data.eval_size=0", "data.classify_size=0",
+                         f"model.kind={kind}")  # fmt: skip
     task = ContrastiveTask(config, torch.device("cpu"))
     batch = task.batch(2, 0)
     assert batch["input_ids"].shape[0] == 64 and len(batch["caption"]) == len(batch["negative"]) == 32
@@ -140,10 +142,11 @@ def test_hard_negatives_join_the_batch_and_the_loss(tmp_path):
     loss, _ = task.loss(batch)
     model = task.model.eval()
     with torch.no_grad():
-        image, text, scale, _ = model(task.preprocess.normalize(batch["images"]), *task.tokenizer(texts, 32))
-        expected = clip_loss(image, text[:32], scale, keys=batch["caption"], negatives=text[32:],
-                             negative_keys=batch["negative"])  # fmt: skip
-        plain = clip_loss(image, text[:32], scale, keys=batch["caption"])
+        image, text, scale, bias = model(task.preprocess.normalize(batch["images"]), *task.tokenizer(texts, 32))
+        loss_fn = clip_loss if kind == "clip" else lambda *a, **k: siglip_loss(*a[:3], bias, **k)
+        expected = loss_fn(image, text[:32], scale, keys=batch["caption"], negatives=text[32:],
+                           negative_keys=batch["negative"])  # fmt: skip
+        plain = loss_fn(image, text[:32], scale, keys=batch["caption"])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4) and loss.item() != pytest.approx(plain.item())
     for bad, match in (("data.source=captions.csv", "needs data.source=shapes"), ("train.loss_chunk=8", "loss_chunk=0")):
         with pytest.raises(ConfigError, match=match):
