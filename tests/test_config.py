@@ -31,3 +31,8 @@ def test_wrong_type_and_choice():
         load_config("configs/nope.yaml")
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["train.steps"])
+    # a section's own range checks come out as ConfigError too (the CLI's one-line error, exit code 2)
+    with pytest.raises(ConfigError, match=r"world.grey_fraction=1.5 must be in \[0, 1\)"):
+        load_config("configs/shapes-clip.yaml", ["data.world.grey_fraction=1.5"])
+    with pytest.raises(ConfigError, match="world.grey_colours='pink' is not one of"):
+        load_config("configs/shapes-clip.yaml", ["data.world.grey_colours=pink"])

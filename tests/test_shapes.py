@@ -13,6 +13,7 @@ from vlfm.data.shapes import (
     ShapesWorld,
     WorldConfig,
     _grey_level,
+    _off_palette,
     label,
     render_many,
 )
@@ -379,6 +380,32 @@ def test_grey_scenes_only_in_training_and_never_name_colours():
     assert plain.scene("train", 5).objects == world.scene("train", 5).objects
     with pytest.raises(ValueError, match="grey_fraction"):
         WorldConfig(grey_fraction=1.0)
+
+
+def test_off_palette_grey_scenes():
+    world = ShapesWorld(WorldConfig(grey_fraction=0.4, grey_colours="off_palette"))
+    scenes = [world.scene("train", i) for i in range(100)]
+    grey = [s for s in scenes if s.grey]
+    assert grey and all(s.off_palette for s in grey) and not any(s.off_palette for s in scenes if not s.grey)
+    # same scenes and captions as the plain grey world: only how the objects are drawn differs
+    plain = ShapesWorld(WorldConfig(grey_fraction=0.4))
+    assert [replace(s, off_palette=False) for s in scenes] == [plain.scene("train", i) for i in range(100)]
+    assert all(not set(c.split()) & set(COLOURS) for s in grey for c in captions(s))
+    # the pixels are colour pictures now, and still independent of the objects' (hidden) palette colours
+    pixels = [np.asarray(world.render(s)).astype(int) for s in grey[:10]]
+    assert any((p[..., 0] != p[..., 1]).mean() > 0.5 for p in pixels)
+    recoloured = replace(grey[0], objects=tuple(replace(o, colour="yellow") for o in grey[0].objects))
+    assert np.array_equal(np.asarray(world.render(grey[0])), np.asarray(world.render(recoloured)))
+    # object colours: far from every named colour, clear of the background, spread over the rest of the cube
+    rng = np.random.default_rng(0)
+    palette = np.array(list(COLOURS.values()), dtype=float)
+    for background in (130.0, 215.0):
+        colours = np.stack([_off_palette(rng, background) for _ in range(2000)])
+        assert np.linalg.norm(colours[:, None] - palette[None], axis=2).min() > 90
+        assert np.abs(colours.mean(1) - background).min() > 30
+        assert colours.std(0).min() > 50 and (colours.max(1) - colours.min(1) > 100).mean() > 0.3
+    with pytest.raises(ValueError, match="grey_colours='pink' is not one of: grey, off_palette"):
+        WorldConfig(grey_colours="pink")
 
 
 def test_glyph_scenes():

@@ -291,8 +291,12 @@ def from_dict(cls, data: dict[str, Any] | None, prefix: str = ""):
             kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise
     except TypeError as error:
         raise ConfigError(f"{prefix or 'config'}: {error}") from None
+    except ValueError as error:  # a section's own check (WorldConfig's ranges, ...): its message names the key
+        raise ConfigError(str(error)) from None
 
 
 def to_dict(obj) -> dict[str, Any]:

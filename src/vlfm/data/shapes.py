@@ -30,6 +30,7 @@ SIZES: tuple[str, ...] = ("small", "big")
 # were measured to be too hard to recognise, so do not shrink these.
 SIZE_EXTENT: dict[str, tuple[float, float]] = {"small": (12 / 64, 15 / 64), "big": (22 / 64, 28 / 64)}
 SPLITS: tuple[str, ...] = ("train", "val", "heldout", "single")
+GREY_COLOURS: tuple[str, ...] = ("grey", "off_palette")  # the values of WorldConfig.grey_colours
 MAX_OBJECTS = 4  # captions stay <= 20 words and four objects still fit at 64 px
 _SPLIT_CODES = {"train": 0, "val": 1, "heldout": 2, "single": 3, "single_object": 4}
 _GAP = 2 / 64  # minimum gap between object boxes, and (half of it) to the image border
@@ -68,6 +69,11 @@ class WorldConfig:
     # Without them the image tower learns colour-specific shape detectors and misreads the shape of a
     # held-out combination (measured: 7% shape accuracy on held-out "green square"-type images).
     grey_fraction: float = 0.0
+    # How a grey scene's objects are drawn. "grey": each at a random grey level, the picture greyscale.
+    # "off_palette": each in a random colour far from every named colour (pink, teal, lime, greys, ...; never
+    # one the captions could name). Shapes then come in many more colours than the six, and the tower's shape
+    # detectors stop depending on the colour (measured: README, docs/architecture.md).
+    grey_colours: str = "grey"
     # Fraction of train and val scenes that show one rendered digit glyph instead of shapes (data/glyphs.py):
     # captions such as "the digit 7", for zero-shot digit recognition on real handwriting.
     glyph_fraction: float = 0.0
@@ -101,6 +107,8 @@ class WorldConfig:
             )
         if not 0.0 <= self.grey_fraction < 1.0:
             raise ValueError(f"world.grey_fraction={self.grey_fraction} must be in [0, 1)")
+        if self.grey_colours not in GREY_COLOURS:
+            raise ValueError(f"world.grey_colours={self.grey_colours!r} is not one of: {', '.join(GREY_COLOURS)}")
         if not 0.0 <= self.glyph_fraction < 1.0:
             raise ValueError(f"world.glyph_fraction={self.glyph_fraction} must be in [0, 1)")
         if self.seed < 0:
@@ -124,7 +132,8 @@ class Obj:
 class Scene:
     objects: tuple[Obj, ...]
     background: int  # seeds the background texture and all per-render jitter
-    grey: bool = False  # rendered in greyscale; its captions and questions never name a colour
+    grey: bool = False  # its captions and questions never name a colour; drawn as world.grey_colours says
+    off_palette: bool = False  # a grey scene whose objects may take colours outside the palette
     digit: int | None = None  # a glyph scene: one rendered digit and no shapes
 
 
@@ -152,7 +161,7 @@ class ShapesWorld:
         n = self.config.min_objects + int(rng.choice(len(self._count_p), p=self._count_p))
         scene = self._make_scene(rng, labels, min(n, len(labels)))
         if split == "train" and self.config.grey_fraction and rng.random() < self.config.grey_fraction:
-            scene = replace(scene, grey=True)
+            scene = replace(scene, grey=True, off_palette=self.config.grey_colours == "off_palette")
         return scene
 
     def single_object_scene(self, index: int, combos: list[str]) -> Scene:
@@ -263,6 +272,19 @@ def _grey_level(rng: np.random.Generator, background: float) -> int:
     return int(level if level < lo else level + (hi - lo))
 
 
+_PALETTE = np.array(list(COLOURS.values()), dtype=np.float64)
+_OFF_PALETTE = 90.0  # an off-palette colour's least RGB distance to a named colour (render jitter is +-15 a channel)
+
+
+def _off_palette(rng: np.random.Generator, background: float) -> np.ndarray:
+    """An off-palette grey scene's object colour: uniform over the colours at least _OFF_PALETTE from every named
+    colour whose mean stands 30 levels clear of the background (greys among them)."""
+    while True:
+        colour = rng.uniform(0, 255, size=3)
+        if np.linalg.norm(_PALETTE - colour, axis=1).min() > _OFF_PALETTE and abs(colour.mean() - background) > 30:
+            return colour
+
+
 def render(scene: Scene, image_size: int = 64) -> Image.Image:
     if scene.digit is not None:
         return render_glyph(scene.digit, scene.background, image_size)
@@ -277,14 +299,16 @@ def render(scene: Scene, image_size: int = 64) -> Image.Image:
         extent = rng.uniform(lo, hi) * s
         rx, ry = extent / 2 * rng.uniform(0.92, 1.0, size=2)  # a little aspect jitter, never beyond the box
         colour = np.clip(np.array(COLOURS[obj.colour]) + rng.integers(-15, 16, size=3), 0, 255)
-        if scene.grey:
+        if scene.off_palette:
+            colour = _off_palette(rng, background)
+        elif scene.grey:
             colour = np.full(3, _grey_level(rng, background))
         _draw(draw, obj.shape, obj.x * s, obj.y * s, rx, ry, tuple(int(c) for c in colour))
     img = np.asarray(bg.resize((n, n), Image.BOX), dtype=np.float32)
     # Pixel noise after compositing: objects are not flat colour either, so colour is a region statistic.
     img = img + rng.normal(0, rng.uniform(3, 8), size=(n, n, 1)) + rng.normal(0, 2, size=(n, n, 3))
     image = Image.fromarray(np.clip(img + 0.5, 0, 255).astype(np.uint8))
-    return image.convert("L").convert("RGB") if scene.grey else image
+    return image.convert("L").convert("RGB") if scene.grey and not scene.off_palette else image
 
 
 def _render_chunk(args: tuple[WorldConfig, str, int, int]) -> tuple[np.ndarray, list[Scene]]:
