@@ -306,16 +306,16 @@ def test_render_colour_at_centre():
 
 def test_render_many_matches_render(world):
     imgs, scenes = render_many(world, "val", 5, start=3, workers=2)
-    assert imgs.shape == (5, 64, 64, 3) and imgs.dtype == np.uint8
+    assert imgs.shape == (5, 3, 64, 64) and imgs.dtype == np.uint8
     assert scenes == [world.scene("val", i) for i in range(3, 8)]
     for img, scene in zip(imgs, scenes):
-        assert np.array_equal(img, np.asarray(world.render(scene)))
+        assert np.array_equal(img, np.asarray(world.render(scene)).transpose(2, 0, 1))
     imgs1, scenes1 = render_many(world, "val", 5, start=3, workers=1)
     assert np.array_equal(imgs, imgs1) and scenes == scenes1
     small = ShapesWorld(WorldConfig(image_size=32))
     imgs, scenes = render_many(small, "heldout", 3, workers=1)
-    assert imgs.shape == (3, 32, 32, 3) and scenes == [small.scene("heldout", i) for i in range(3)]
-    assert render_many(world, "train", 0)[0].shape == (0, 64, 64, 3)
+    assert imgs.shape == (3, 3, 32, 32) and scenes == [small.scene("heldout", i) for i in range(3)]
+    assert render_many(world, "train", 0)[0].shape == (0, 3, 64, 64)
     with pytest.raises(ValueError, match="valid splits"):
         render_many(world, "test", 2)
     with pytest.raises(ValueError, match="valid splits"):

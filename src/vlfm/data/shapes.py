@@ -133,7 +133,7 @@ class Scene:
     objects: tuple[Obj, ...]
     background: int  # seeds the background texture and all per-render jitter
     grey: bool = False  # its captions and questions never name a colour; drawn as world.grey_colours says
-    off_palette: bool = False  # a grey scene whose objects may take colours outside the palette
+    off_palette: bool = False  # a grey scene whose objects take colours outside the palette
     digit: int | None = None  # a glyph scene: one rendered digit and no shapes
 
 
@@ -321,11 +321,12 @@ def _render_chunk(args: tuple[WorldConfig, str, int, int]) -> tuple[np.ndarray, 
 def render_many(
     world: ShapesWorld, split: str, n: int, start: int = 0, workers: int = 2
 ) -> tuple[np.ndarray, list[Scene]]:
-    """Scenes start..start+n-1 of `split` as uint8 [n, H, W, 3] plus their Scene records."""
+    """Scenes start..start+n-1 of `split` as uint8 [n, 3, H, W] (channels first, as models take them) plus their
+    Scene records."""
     size = world.config.image_size
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    images = np.empty((n, 3, size, size), dtype=np.uint8)
     chunk = max(1, min(1000, -(-n // max(1, 4 * workers))))  # >= 4 chunks a worker evens out the load
     jobs = [(world.config, split, a, min(chunk, start + n - a)) for a in range(start, start + n, chunk)]
     scenes: list[Scene] = []
@@ -333,7 +334,7 @@ def render_many(
     try:
         results = pool.imap(_render_chunk, jobs) if pool else map(_render_chunk, jobs)
         for (_, _, a, m), (imgs, scs) in zip(jobs, results):
-            images[a - start : a - start + m] = imgs
+            images[a - start : a - start + m] = imgs.transpose(0, 3, 1, 2)
             scenes.extend(scs)
     finally:
         if pool is not None:

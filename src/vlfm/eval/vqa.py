@@ -18,7 +18,7 @@ class VQASet:
 
     def __init__(self, world_config: WorldConfig, split: str = "val", n: int = 300, workers: int = 2):
         images, scenes = render_many(ShapesWorld(world_config), split, n, workers=workers)
-        self.pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # uint8 (n, 3, H, W)
+        self.pixels = torch.from_numpy(images)  # uint8 (n, 3, H, W)
         self.items = [(i, q, a) for i, scene in enumerate(scenes) for q, a in questions(scene)]
 
     def __len__(self) -> int:

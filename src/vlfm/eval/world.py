@@ -54,7 +54,7 @@ class WorldBenchmark:
         self.retrieval_images = torch.empty(0)
         if retrieval_size:
             images, scenes = render_many(world, "val", retrieval_size, workers=workers)
-            self.retrieval_images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+            self.retrieval_images = torch.from_numpy(images)
             caption_sets = [set(captions(s)) for s in scenes]
             self.queries = [captions(s)[0] for s in scenes]
             self.positives = torch.tensor(np.array([[q in c for c in caption_sets] for q in self.queries]))

@@ -59,8 +59,7 @@ def load_training_data(config: RunConfig, preprocess: Preprocess) -> ImageTextDa
                               f"{config.model.vision.image_size}; set both to the same value")
         images, scenes = render_many(ShapesWorld(data.world), "train", data.train_size, workers=data.workers)
         negatives = world_negatives(scenes, data.world.held_out, data.workers) if config.train.hard_negatives else None
-        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        return ImageTextData(pixels, [captions(s) for s in scenes], negatives=negatives)
+        return ImageTextData(torch.from_numpy(images), [captions(s) for s in scenes], negatives=negatives)
     if is_shard_source(data.source):
         return load_shards(data.source, preprocess)
     rows = read_caption_file(data.source, data.image_column, data.caption_column)

@@ -168,7 +168,7 @@ def stage_examples(model: VisionLanguageModel, config: VLMRunConfig, stage: int)
 def render_world(world: WorldConfig, n: int, workers: int) -> tuple[torch.Tensor, list]:
     """uint8 [n, 3, H, W] pixels of the world's first `n` training scenes, and the scenes."""
     images, scenes = render_many(ShapesWorld(world), "train", n, workers=workers)
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), scenes
+    return torch.from_numpy(images), scenes
 
 
 def scene_pairs(scenes: list, stage: int, rng: np.random.Generator, config: VLMRunConfig,
