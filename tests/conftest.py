@@ -27,7 +27,8 @@ TINY = [
 # CI's clock (.ci/run exports VLFM_CI_DEADLINE, seconds since the epoch): a slow test that would likely end past it
 # is skipped, with the reason in the report, instead of the whole job being cut off by CI's time limit. Each slow test
 # gives its minutes on the 2-core machine where it was measured (`@pytest.mark.slow(minutes=N)`); the slowest ratio of
-# measured to given time among the slow tests already run scales the estimate (CI machines differ by ~1.6x).
+# measured to given time among the slow tests already run scales the estimate (machines here
+# ran the preset trainings up to 2.3x slower than the machine of the given minutes).
 SLOW_PACE = [1.0]
 
 
