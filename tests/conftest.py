@@ -32,20 +32,26 @@ TINY = [
 SLOW_PACE = [1.0]
 
 
+def slow_seconds(item) -> float | None:
+    """A slow test's time where its minutes were measured (15 min when not given); None for other tests."""
+    slow = item.get_closest_marker("slow")
+    return None if slow is None else slow.kwargs.get("minutes", 15) * 60
+
+
 def pytest_runtest_setup(item):
-    slow, deadline = item.get_closest_marker("slow"), os.environ.get("VLFM_CI_DEADLINE")
-    if slow is None or not deadline:
+    seconds, deadline = slow_seconds(item), os.environ.get("VLFM_CI_DEADLINE")
+    if seconds is None or not deadline:
         return
-    need = slow.kwargs.get("minutes", 15) * 60 * max(SLOW_PACE)
+    need = seconds * max(SLOW_PACE)
     left = float(deadline) - time.time()
     if need > left:
         pytest.skip(f"CI time budget: needs ~{need / 60:.0f} min at this machine's pace, {max(left, 0) / 60:.0f} min left")
 
 
 def pytest_runtest_makereport(item, call):
-    slow = item.get_closest_marker("slow")
-    if slow is not None and call.when == "call" and call.excinfo is None:
-        SLOW_PACE.append(call.duration / (slow.kwargs.get("minutes", 15) * 60))
+    seconds = slow_seconds(item)
+    if seconds is not None and call.when == "call" and call.excinfo is None:
+        SLOW_PACE.append(call.duration / seconds)
 
 
 def tiny_config(tmp_path, *overrides, name="tiny"):
