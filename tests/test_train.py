@@ -153,6 +153,41 @@ def test_hard_negatives_join_the_batch_and_the_loss(tmp_path, kind):
             ContrastiveTask(tiny_config(tmp_path, "train.hard_negatives=true", bad), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_caption_positives_mark_every_image_that_has_the_caption(tmp_path, kind):
+    """train.caption_positives: caption k is a positive of image i when it is one of image i's captions (the
+    built-in world: "a circle" is true of every scene that is one lone circle), a superset of equal caption ids;
+    the loss takes that mask. Settings it cannot run with fail early."""
+    from vlfm.config import ConfigError
+    from vlfm.losses import clip_loss, siglip_loss
+    from vlfm.train.contrastive import ContrastiveTask, check_parallel_config
+
+    config = tiny_config(tmp_path, "train.caption_positives=true", "data.eval_size=0", "data.classify_size=0",
+                         "data.world.max_objects=1", f"model.kind={kind}")  # fmt: skip
+    task = ContrastiveTask(config, torch.device("cpu"))
+    batch = task.batch(1, 0)
+    rows = task.sampler.indices(task.sampler.positions(1, 0)).tolist()
+    texts = [task.tokenizer.decode([i for i in row.tolist() if i != task.tokenizer.pad_id]) for row in batch["input_ids"]]
+    expected = torch.tensor([[text in task.data.captions[i] for text in texts] for i in rows])
+    assert torch.equal(batch["positives"], expected)
+    keys = batch["caption"][:, None] == batch["caption"][None, :]
+    assert bool((batch["positives"] >= keys).all()) and batch["positives"].sum() > keys.sum()  # more than repeats
+    loss, _ = task.loss(batch)
+    model = task.model.eval()
+    with torch.no_grad():
+        image, text, scale, bias = model(task.preprocess.normalize(batch["images"]), batch["input_ids"],
+                                         batch["attention_mask"])  # fmt: skip
+        loss_fn = clip_loss if kind == "clip" else lambda *a, **k: siglip_loss(*a[:3], bias, **k)
+        mask, plain = loss_fn(image, text, scale, positives=expected), loss_fn(image, text, scale, keys=batch["caption"])
+    assert loss.item() == pytest.approx(mask.item(), rel=1e-4) and loss.item() != pytest.approx(plain.item())
+    for bad, match in (("train.loss_chunk=8", "loss_chunk=0"), ("train.hard_negatives=true", "hard_negatives=false")):
+        with pytest.raises(ConfigError, match=match):
+            ContrastiveTask(tiny_config(tmp_path, "train.caption_positives=true", bad), torch.device("cpu"))
+    streamed = tiny_config(tmp_path, "train.caption_positives=true", "data.source=shards-{0..1}.tar", "data.stream=true")
+    with pytest.raises(ConfigError, match="does not take data.stream=true"):
+        check_parallel_config(streamed)
+
+
 def test_training_state_records_the_data_position(trained_run):
     state = json.loads((trained_run / "checkpoints" / "step_00000006" / "train_state.json").read_text())
     assert state["step"] == 6 and state["samples_seen"] == 6 * 32

@@ -130,6 +130,10 @@ class ContrastiveTask:
         self.flat_negatives = torch.tensor([vocabulary[n] for n in negatives]) if negatives else None
         self.caption_counts = torch.tensor(counts)
         self.caption_offsets = torch.cumsum(torch.tensor([0] + counts[:-1]), 0)
+        if config.train.caption_positives:  # each image's caption ids, one row per image, padded with -1
+            self.image_captions = torch.full((len(counts), max(counts)), -1)
+            self.image_captions[torch.arange(len(counts)).repeat_interleave(self.caption_counts),
+                                torch.arange(len(flat)) - self.caption_offsets.repeat_interleave(self.caption_counts)] = self.flat_captions
         self.sampler = EpochSampler(len(self.data), config.train)
 
     @staticmethod
@@ -185,6 +189,8 @@ class ContrastiveTask:
             crop = self.preprocess.random_resized_crop
             images = to_uint8_tensor([crop(_to_pil(img), random.Random(f"{train.seed}/{p}")) for img, p in zip(images, positions.tolist())])
         out = {"images": images, "caption": caption}
+        if self.config.train.caption_positives:  # [i, k]: caption k is one of image i's captions
+            out["positives"] = (self.image_captions[indices][:, None, :] == caption[None, :, None]).any(dim=-1)
         if self.flat_negatives is not None:  # the same caption with one detail changed (train.hard_negatives)
             out["negative"] = self.flat_negatives[self.caption_offsets[indices] + pick]
         rows = torch.cat([caption, out.get("negative", caption[:0])])
@@ -217,6 +223,8 @@ class ContrastiveTask:
         if "negative" in batch:  # the texts hold the pairs' captions first, then their hard negatives
             negatives = text[rows:]
             negative_keys = batch["negative"].to(self.device) if keys is not None else None
+        if "positives" in batch:  # train.caption_positives: the dense mask, a superset of equal keys
+            keys = batch["positives"].to(self.device)
         loss = self.contrastive_loss(image, text[:rows], scale, bias, keys, negatives, negative_keys)
         return loss, self._info(loss, scale, bias)
 
@@ -253,9 +261,12 @@ class ContrastiveTask:
 
     def contrastive_loss(self, image, text, scale, bias, keys, negatives=None, negative_keys=None) -> torch.Tensor:
         """The kind's loss over the global batch: gathered across ranks under torchrun, in blocks of texts with
-        train.loss_chunk, else over the full similarity matrix (the only path that takes hard negatives)."""
+        train.loss_chunk, else over the full similarity matrix (the only path that takes hard negatives, or keys
+        given as a dense (B, B) positives mask: train.caption_positives)."""
         image, text, scale = image.float(), text.float(), scale.float()
         bias = None if bias is None else bias.float()
+        if keys is not None and keys.dim() == 2:
+            return clip_loss(image, text, scale, keys) if bias is None else siglip_loss(image, text, scale, bias, keys)
         if negatives is not None:
             negatives = negatives.float()
             if bias is None:
@@ -313,6 +324,14 @@ def check_parallel_config(config: RunConfig) -> None:
         if train.loss_chunk or train.gradcache or distributed.world_size() > 1:
             raise ConfigError("train.hard_negatives=true takes the full loss in one process: set train.loss_chunk=0 "
                               "and train.gradcache=false, and launch without torchrun")  # fmt: skip
+    if train.caption_positives:
+        if config.data.stream:
+            raise ConfigError("train.caption_positives=true looks up each image's captions in memory; it does not "
+                              "take data.stream=true")  # fmt: skip
+        if train.hard_negatives or train.loss_chunk or train.gradcache or distributed.world_size() > 1:
+            raise ConfigError("train.caption_positives=true takes the full loss in one process without hard negatives: "
+                              "set train.hard_negatives=false, train.loss_chunk=0 and train.gradcache=false, and "
+                              "launch without torchrun")  # fmt: skip
     if train.lock_text and config.data.stream:
         raise ConfigError("train.lock_text embeds every caption once before training; it does not take "
                           "data.stream=true (set data.stream=false to load the shards into memory)")
