@@ -223,9 +223,8 @@ class ContrastiveTask:
         if "negative" in batch:  # the texts hold the pairs' captions first, then their hard negatives
             negatives = text[rows:]
             negative_keys = batch["negative"].to(self.device) if keys is not None else None
-        if "positives" in batch:  # train.caption_positives: the dense mask, a superset of equal keys
-            keys = batch["positives"].to(self.device)
-        loss = self.contrastive_loss(image, text[:rows], scale, bias, keys, negatives, negative_keys)
+        positives = batch["positives"].to(self.device) if "positives" in batch else None  # train.caption_positives
+        loss = self.contrastive_loss(image, text[:rows], scale, bias, keys, negatives, negative_keys, positives)
         return loss, self._info(loss, scale, bias)
 
     def gradcache_backward(self, step: int) -> dict[str, float]:
@@ -259,14 +258,17 @@ class ContrastiveTask:
         """Caption ids: equal ids are positives of each other (None: only the diagonal)."""
         return torch.cat([b["caption"] for b in batches]).to(self.device) if self.config.train.multi_positive else None
 
-    def contrastive_loss(self, image, text, scale, bias, keys, negatives=None, negative_keys=None) -> torch.Tensor:
+    def contrastive_loss(self, image, text, scale, bias, keys, negatives=None, negative_keys=None,
+                         positives=None) -> torch.Tensor:  # fmt: skip
         """The kind's loss over the global batch: gathered across ranks under torchrun, in blocks of texts with
-        train.loss_chunk, else over the full similarity matrix (the only path that takes hard negatives, or keys
-        given as a dense (B, B) positives mask: train.caption_positives)."""
+        train.loss_chunk, else over the full similarity matrix (the only path that takes hard negatives, or a
+        dense (B, B) `positives` mask in place of keys: train.caption_positives)."""
         image, text, scale = image.float(), text.float(), scale.float()
         bias = None if bias is None else bias.float()
-        if keys is not None and keys.dim() == 2:
-            return clip_loss(image, text, scale, keys) if bias is None else siglip_loss(image, text, scale, bias, keys)
+        if positives is not None:
+            if bias is None:
+                return clip_loss(image, text, scale, positives=positives)
+            return siglip_loss(image, text, scale, bias, positives=positives)
         if negatives is not None:
             negatives = negatives.float()
             if bias is None:
