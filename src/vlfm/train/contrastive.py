@@ -15,6 +15,7 @@ import random
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
 
 from vlfm import distributed
 from vlfm.checkpoint import load_state_strict
@@ -131,9 +132,7 @@ class ContrastiveTask:
         self.caption_counts = torch.tensor(counts)
         self.caption_offsets = torch.cumsum(torch.tensor([0] + counts[:-1]), 0)
         if config.train.caption_positives:  # each image's caption ids, one row per image, padded with -1
-            self.image_captions = torch.full((len(counts), max(counts)), -1)
-            self.image_captions[torch.arange(len(counts)).repeat_interleave(self.caption_counts),
-                                torch.arange(len(flat)) - self.caption_offsets.repeat_interleave(self.caption_counts)] = self.flat_captions
+            self.image_captions = pad_sequence(self.flat_captions.split(counts), batch_first=True, padding_value=-1)
         self.sampler = EpochSampler(len(self.data), config.train)
 
     @staticmethod
