@@ -2,7 +2,7 @@
 
 The floors are below what the presets reach here (CLIP: held-out zero-shot 0.90, t2i R@1 0.85; SigLIP: 0.88,
 0.83; glyphs: 0.52-0.73, 0.87-0.88 over three runs; CI of 2026-11-30 on a 2-core CPU; LiT with its off-palette
-scenes: 0.89-0.93, 0.91-0.92 over three runs at 1-2 threads) with room for run-to-run variation; they catch a
+scenes: 0.89-0.93, 0.91-0.92 over four runs at 1-2 threads) with room for run-to-run variation; they catch a
 preset or training that breaks. The issue's target of 0.90 on both is not reliably reached yet by the CLIP and
 SigLIP presets (see docs/architecture.md).
 """
