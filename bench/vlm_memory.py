@@ -44,8 +44,7 @@ from pathlib import Path
 
 import torch
 
-from vlfm.config import LMConfig, TrainConfig, VisionConfig, VLMConfig
-from vlfm.config_vlm import StageConfig
+from vlfm.config import LMConfig, StageConfig, TrainConfig, VisionConfig, VLMConfig
 from vlfm.models.vlm import VisionLanguageModel
 from vlfm.train.loop import autocast_context, parameter_groups
 from vlfm.train.vlm import next_token_loss, set_trainable

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vlfm
-from vlfm.checkpoint import CheckpointError, atomic_directory, save_model
+from vlfm.io import CheckpointError, atomic_directory
 
 
 def test_save_load_round_trip(trained_run, tmp_path):
@@ -22,7 +22,7 @@ def test_save_load_round_trip(trained_run, tmp_path):
 
 def test_missing_weights_is_an_error(trained_run, tmp_path):
     target = tmp_path / "broken"
-    save_model(vlfm.load(trained_run), target)
+    vlfm.load(trained_run).save(target)
     (target / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         vlfm.load(target)
@@ -30,7 +30,7 @@ def test_missing_weights_is_an_error(trained_run, tmp_path):
 
 def test_mismatched_weights_list_the_keys(trained_run, tmp_path):
     target = tmp_path / "mismatch"
-    save_model(vlfm.load(trained_run), target)
+    vlfm.load(trained_run).save(target)
     state = load_file(str(target / "model.safetensors"))
     state.pop("logit_scale")
     state["extra.weight"] = torch.zeros(2)

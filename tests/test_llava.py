@@ -15,7 +15,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers
 
 import vlfm
-from vlfm.checkpoint import CheckpointError
+from vlfm.io import CheckpointError
 from vlfm.models.lm import LanguageModel
 from vlfm.models.vlm import VisionLanguageModel
 

@@ -8,9 +8,9 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from vlfm.checkpoint import CheckpointError, load_state_strict
 from vlfm.config import LMConfig
-from vlfm.convert_lm import export_hf_lm, hf_lm_config, load_hf_lm
+from vlfm.interop.hf_lm import export_hf_lm, hf_lm_config, load_hf_lm
+from vlfm.io import CheckpointError, load_state_strict
 from vlfm.models.lm import KVCache, LanguageModel
 
 TOL = 1e-4

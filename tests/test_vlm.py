@@ -12,8 +12,7 @@ from PIL import Image
 
 import vlfm
 from vlfm.cli import main
-from vlfm.config import ConfigError, load_config
-from vlfm.config_vlm import StageConfig
+from vlfm.config import ConfigError, StageConfig, load_config
 from vlfm.data.shapes import ShapesWorld, WorldConfig
 from vlfm.models.projector import Projector, pixel_shuffle
 from vlfm.train import run

@@ -7,6 +7,6 @@ def load(path, device="cpu", config=None):
     """Load a model with its tokenizer and preprocessing attached: a vlfm checkpoint or run directory, a Hugging
     Face CLIP / SigLIP / BERT / LLaVA / Llama / Qwen2 directory, or open_clip weights (`config`: open_clip's
     model-config JSON)."""
-    from vlfm.checkpoint import load as _load
+    from vlfm.checkpoint import load as load_checkpoint
 
-    return _load(path, device, config)
+    return load_checkpoint(path, device, config)

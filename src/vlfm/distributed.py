@@ -162,6 +162,12 @@ class _FullState:
     def state_dict(self) -> dict:
         return self._state
 
+    def write_files(self, directory, state=None):
+        self._owner.write_files(directory, self._state)
+
+    def save(self, path, state=None):
+        return self._owner.save(path, self._state)
+
 
 def _parameter_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """Parameter names in the optimizer's order: a full optimizer state is keyed by name, a checkpoint by index."""

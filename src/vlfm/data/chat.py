@@ -165,7 +165,7 @@ class Record:
 def read_llava_json(path: str | Path, image_root: str | Path | None = None) -> tuple[list[Record], int]:
     """Records of a LLaVA instruction file (.json: a list of records; .jsonl: one a line) and how many
     were skipped. Image paths are relative to image_root (default: the file's folder); images are decoded
-    later (sources.decode_rgb).
+    later (io.decode_image).
 
     Malformed records (not an object, no conversations, a turn without text, a missing image, placeholders
     that do not match the image) are skipped, counted and summarised in one warning. An unknown role is an

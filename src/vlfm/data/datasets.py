@@ -21,13 +21,15 @@ import torch
 from PIL import Image
 
 from vlfm.data.glyphs import DIGIT_WORDS
-from vlfm.data.sources import decode_rgb, list_images
+from vlfm.data.sources import list_images
+from vlfm.io import decode_image
 
 log = logging.getLogger("vlfm")
 
 DIGIT_NAMES = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
 # Prompt templates per named set (CLIP_benchmark's style); class folders use generic ones.
 TEMPLATES = {
+    "shapes": ["{}", "a photo of {}", "a picture of {}", "an image of {}", "there is {}"],  # the world's ensemble
     "digits": ['a photo of the number: "{}".', "a handwritten digit {}", "the digit {}"],
     "lfw_subset": ["a photo of {}.", "a picture of {}.", "a close-up of {}."],
     "folder": ["a photo of {}.", "a picture of {}.", "{}"],
@@ -101,14 +103,13 @@ def lfw_subset() -> LabelledImages:
 def shapes(per_class: int = 20, image_size: int = 64) -> LabelledImages:
     from vlfm.data.shapes import ALL_LABELS, ShapesWorld, WorldConfig
     from vlfm.data.world_text import with_article
-    from vlfm.eval.world import TEMPLATES as WORLD_TEMPLATES
 
     world = ShapesWorld(WorldConfig(image_size=image_size))
     labels = list(ALL_LABELS)
     scenes = [world.single_object_scene(i, labels) for i in range(per_class * len(labels))]
     targets = torch.tensor([labels.index(scene.objects[0].label) for scene in scenes])
     return LabelledImages("shapes", [world.render(s) for s in scenes], targets, [with_article(x) for x in labels],
-                          list(WORLD_TEMPLATES))  # fmt: skip
+                          TEMPLATES["shapes"])  # fmt: skip
 
 
 def class_folders(root: str | Path) -> LabelledImages:
@@ -119,7 +120,7 @@ def class_folders(root: str | Path) -> LabelledImages:
     images, targets, skipped = [], [], []
     for index, folder in enumerate(classes):
         for path in list_images(folder):
-            image = decode_rgb(path)
+            image = decode_image(path)
             if image is None:
                 skipped.append(str(path))
                 continue

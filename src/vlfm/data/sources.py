@@ -53,15 +53,6 @@ def list_images(folder: str | Path) -> list[Path]:
     return paths
 
 
-def decode_rgb(path: str | Path) -> Image.Image | None:
-    """The image as RGB, or None when it cannot be decoded (callers count and report those)."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError):
-        return None
-
-
 def read_caption_file(path: str | Path, image_column: str = "filepath", caption_column: str = "caption") -> list[tuple[Path, str]]:
     """(image path, caption) rows; relative image paths are relative to the caption file's folder."""
     path = Path(path)

@@ -30,9 +30,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlfm import distributed
-from vlfm.config import ConfigError
 from vlfm.data.shards import MAX_PIXELS, decode_sample, shard_samples, shard_urls
 from vlfm.data.transforms import Preprocess, to_uint8_tensor
+from vlfm.io import ConfigError
 
 log = logging.getLogger("vlfm")
 TOKENIZER_CAPTIONS = 20_000  # a stream's tokenizer is trained on the captions of this many first samples

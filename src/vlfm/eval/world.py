@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vlfm.data.datasets import TEMPLATES as DATASET_TEMPLATES
 from vlfm.data.shapes import ALL_LABELS, COLOURS, SHAPES, ShapesWorld, WorldConfig, render_many
 from vlfm.data.transforms import to_uint8_tensor
 from vlfm.data.world_text import captions, with_article
@@ -22,7 +23,7 @@ from vlfm.eval.zeroshot import zeroshot_classification
 
 # Prompt templates for the world's class names ("a red circle", "an orange star"): the openings the world's
 # own captions use. The first alone is the single-template baseline the ensemble is compared with.
-TEMPLATES = ["{}", "a photo of {}", "a picture of {}", "an image of {}", "there is {}"]
+TEMPLATES = DATASET_TEMPLATES["shapes"]
 
 # Words that never occur in the world's captions (tests/test_eval.py checks this): one common synonym for each
 # colour and shape, and prompt openings no caption uses. A tokenizer trained on the captions cannot read them; a

@@ -10,7 +10,6 @@ tokens only, so a padded row sees exactly what it would see alone. `generate` de
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +18,7 @@ from torch import nn
 
 from vlfm.config import LMConfig
 from vlfm.data.tokenizer import Tokenizer
+from vlfm.models.base import SavedModel, register
 
 
 class KVCache:
@@ -132,10 +132,16 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class LanguageModel(nn.Module):
+@register
+class LanguageModel(SavedModel, nn.Module):
     """Token ids or embeddings in, next-token logits out; `generate` for decoding (see the module docstring)."""
 
     ARCHITECTURE = "vlfm.LanguageModel"
+    CONFIG = LMConfig
+
+    @classmethod
+    def build(cls, config, tokenizer, preprocess):
+        return cls(config, tokenizer)
 
     def __init__(self, config: LMConfig, tokenizer: Tokenizer | None = None):
         super().__init__()
@@ -221,11 +227,6 @@ class LanguageModel(nn.Module):
         if self.lm_head is not None:
             self.lm_head = _resized(self.lm_head, n, lambda w: nn.Linear(w.shape[1], n, bias=False))
         self.config.vocab_size = n
-
-    def save(self, path: str | Path) -> Path:
-        from vlfm.checkpoint import save_model
-
-        return save_model(self, path)
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, max_new_tokens: int = 32,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlfm.config import TextConfig
+from vlfm.models.base import SavedModel, register
 from vlfm.nn import Transformer, init_transformer
 
 
@@ -101,10 +102,16 @@ class TextEmbedding:
         return torch.cat(out)
 
 
-class TextEncoder(TextEmbedding, nn.Module):
+@register
+class TextEncoder(SavedModel, TextEmbedding, nn.Module):
     """A text tower alone (a sentence encoder such as MiniLM), e.g. the locked text side of a LiT model."""
 
     ARCHITECTURE = "vlfm.TextEncoder"
+    CONFIG = TextConfig
+
+    @classmethod
+    def build(cls, config, tokenizer, preprocess):
+        return cls(config, tokenizer)
 
     def __init__(self, config: TextConfig, tokenizer=None):
         super().__init__()
@@ -118,8 +125,3 @@ class TextEncoder(TextEmbedding, nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.text(input_ids, attention_mask)
-
-    def save(self, path):
-        from vlfm.checkpoint import save_model
-
-        return save_model(self, path)

@@ -8,7 +8,6 @@ and preprocessing, so `model.classify(images, labels)` works from raw inputs.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +17,15 @@ from torch import nn
 from vlfm.config import ModelConfig
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess
+from vlfm.models.base import SavedModel, register
 from vlfm.models.text import TextEmbedding, TextTransformer
 from vlfm.models.vit import VisionTransformer
 
 
-class TwoTowerModel(TextEmbedding, nn.Module):
+@register
+class TwoTowerModel(SavedModel, TextEmbedding, nn.Module):
     ARCHITECTURE = "vlfm.TwoTowerModel"
+    CONFIG = ModelConfig
 
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer | None = None, preprocess: Preprocess | None = None):
         super().__init__()
@@ -103,8 +105,3 @@ class TwoTowerModel(TextEmbedding, nn.Module):
         logits = self.logits(self.embed_images(images), self.label_embeddings(labels, templates))
         self.train(was_training)
         return logits.softmax(dim=-1) if self.logit_bias is None else logits.sigmoid()
-
-    def save(self, path: str | Path) -> Path:
-        from vlfm.checkpoint import save_model
-
-        return save_model(self, path)

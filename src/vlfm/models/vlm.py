@@ -8,8 +8,6 @@ generation reuses `LanguageModel.generate` with the KV cache.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from PIL import Image
 from torch import nn
@@ -18,13 +16,17 @@ from vlfm.config import VLMConfig
 from vlfm.data.chat import TEMPLATES, Conversation, encode_prompt, expand_image_tokens
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess
+from vlfm.io import open_image
+from vlfm.models.base import SavedModel, register
 from vlfm.models.lm import LanguageModel
 from vlfm.models.projector import Projector
 from vlfm.models.vit import VisionTransformer
 
 
-class VisionLanguageModel(nn.Module):
+@register
+class VisionLanguageModel(SavedModel, nn.Module):
     ARCHITECTURE = "vlfm.VisionLanguageModel"
+    CONFIG = VLMConfig
 
     def __init__(self, config: VLMConfig, tokenizer: Tokenizer | None = None, preprocess: Preprocess | None = None):
         super().__init__()
@@ -155,11 +157,6 @@ class VisionLanguageModel(nn.Module):
         answers = [self.tokenizer.decode(tokens) for tokens in out]
         return answers if batch else answers[0]
 
-    def save(self, path: str | Path) -> Path:
-        from vlfm.checkpoint import save_model
-
-        return save_model(self, path)
-
 
 def sincos_2d(grid: int, width: int) -> torch.Tensor:
     """(1, grid*grid, width): sin/cos of the row in the first half of the channels, of the column in the second."""
@@ -171,10 +168,6 @@ def sincos_2d(grid: int, width: int) -> torch.Tensor:
     out = torch.zeros(grid * grid, width)
     out[:, : 4 * quarter] = torch.cat([rows, cols], dim=2).reshape(grid * grid, -1)
     return out[None]
-
-
-def open_image(image) -> Image.Image:
-    return image if isinstance(image, Image.Image) else Image.open(image).convert("RGB")
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

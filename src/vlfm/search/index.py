@@ -26,14 +26,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vlfm.data.sources import decode_rgb
+from vlfm.io import SearchError, decode_image
 
 log = logging.getLogger("vlfm")
 KINDS = ("flat", "hnsw", "ivfpq")
-
-
-class SearchError(ValueError):
-    """An index that cannot be used as asked; the message says why and what to do."""
 
 
 def _faiss():
@@ -129,7 +125,7 @@ class SearchIndex:
         bar = tqdm(total=len(todo), desc="index", unit="img", disable=not progress)
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            decoded = [(item, decode_rgb(item[0])) for item in chunk]
+            decoded = [(item, decode_image(item[0])) for item in chunk]
             skipped += [item[0] for item, image in decoded if image is None]
             good = [(item, image) for item, image in decoded if image is not None]
             if good:
@@ -220,7 +216,7 @@ def contact_sheet(hits: list[Hit], path: str | Path, thumb: int = 128, columns: 
     draw = ImageDraw.Draw(sheet)
     for n, hit in enumerate(hits):
         x, y = (n % columns) * thumb, (n // columns) * (thumb + 14)
-        image = decode_rgb(hit.path)
+        image = decode_image(hit.path)
         if image is not None:
             image.thumbnail((thumb, thumb))
             sheet.paste(image, (x + (thumb - image.width) // 2, y + (thumb - image.height) // 2))

@@ -15,14 +15,10 @@ import torch.distributed
 import yaml
 
 from vlfm import distributed
-from vlfm.config import ConfigError, RunConfig, to_dict
-from vlfm.config_vlm import VLMRunConfig
+from vlfm.config import RunConfig, VLMRunConfig, to_dict
+from vlfm.io import ConfigError, RunExistsError
 
 log = logging.getLogger("vlfm")
-
-
-class RunExistsError(RuntimeError):
-    pass
 
 
 def run(config: RunConfig | VLMRunConfig, resume: bool = False, stop_after: int | None = None,

@@ -18,7 +18,6 @@ from PIL import Image
 from torch.nn.utils.rnn import pad_sequence
 
 from vlfm import distributed
-from vlfm.checkpoint import load_state_strict
 from vlfm.config import ConfigError, RunConfig
 from vlfm.data.shapes import ShapesWorld, render_many
 from vlfm.data.shards import is_shard_source, load_shards
@@ -28,6 +27,7 @@ from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess, to_uint8_tensor
 from vlfm.data.world_text import captions, hard_negatives
 from vlfm.eval.world import WorldBenchmark
+from vlfm.io import load_state_strict
 from vlfm.losses import (
     clip_loss,
     clip_loss_chunked,

@@ -28,14 +28,9 @@ from torch import nn
 from tqdm import tqdm
 
 from vlfm import distributed
-from vlfm.checkpoint import (
-    latest_checkpoint,
-    load_state_strict,
-    load_training_checkpoint,
-    save_model,
-    save_training_checkpoint,
-)
-from vlfm.config import ConfigError, DistributedConfig, TrainConfig
+from vlfm.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from vlfm.config import DistributedConfig, TrainConfig
+from vlfm.io import ConfigError, load_state_strict
 
 log = logging.getLogger("vlfm")
 
@@ -227,7 +222,7 @@ def train(task: Task, config: TrainConfig, run_dir: Path, resume: bool = False, 
     if step == config.steps:
         model, _ = distributed.full_state(task.model, None, sharded=strategy == "fsdp")
         if main:
-            save_model(model, run_dir / "model")
+            model.save(run_dir / "model")
         if strategy is not None:
             dist.barrier()
     return {"history": history, "last_eval": last_eval, "step": step}

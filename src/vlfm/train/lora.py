@@ -8,8 +8,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from vlfm.checkpoint import CheckpointError
-from vlfm.config_vlm import StageConfig
+from vlfm.config import StageConfig
+from vlfm.io import CheckpointError
 from vlfm.models.vlm import VisionLanguageModel
 
 

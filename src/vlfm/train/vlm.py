@@ -20,9 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlfm.checkpoint import latest_checkpoint, load_state_strict, save_model
-from vlfm.config import ConfigError
-from vlfm.config_vlm import StageConfig, VLMRunConfig
+from vlfm.checkpoint import latest_checkpoint
+from vlfm.config import ConfigError, StageConfig, VLMRunConfig
 from vlfm.data.chat import (
     CAPTION_REQUESTS,
     IMAGE_TOKEN,
@@ -35,11 +34,11 @@ from vlfm.data.chat import (
     world_text,
 )
 from vlfm.data.shapes import ShapesWorld, WorldConfig, render_many
-from vlfm.data.sources import decode_rgb
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess, to_uint8_tensor
 from vlfm.data.world_text import captions
 from vlfm.eval.vqa import VQASet, vqa_accuracy
+from vlfm.io import decode_image, load_state_strict
 from vlfm.models.vlm import VisionLanguageModel
 from vlfm.train.loop import EpochSampler
 from vlfm.train.lora import add_lora, merge_lora, save_adapter
@@ -195,7 +194,7 @@ def llava_pairs(path: str, image_root: str | None, preprocess: Preprocess):
         row = -1
         if record.image is not None:
             if record.image not in rows:
-                image = decode_rgb(record.image)
+                image = decode_image(record.image)
                 if image is None:
                     skipped += 1
                     continue
@@ -359,9 +358,9 @@ def run_vlm(config: VLMRunConfig, device: torch.device, resume: bool = False, st
         if getattr(model, "lora", None):
             save_adapter(model, stage_dir / "adapter")
             merge_lora(model)
-            save_model(model, stage_dir / "model")
+            model.save(stage_dir / "model")
     model.requires_grad_(False)
-    save_model(model, run_dir / "model")
+    model.save(run_dir / "model")
     metrics = evaluate_vlm(model, config)
     (run_dir / "eval.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlfm.cli_common import UsageError, open_image, two_tower
+from vlfm.cli.common import two_tower
+from vlfm.io import UsageError, open_image
 
 
-def add_parsers(sub) -> None:
-    p = sub.add_parser("index", help="nearest-neighbour index of images: build (or resume) | add")
+def add_index(p) -> None:
     isub = p.add_subparsers(dest="index_command", required=True, metavar="build|add")
     b = isub.add_parser("build", help="embed images into a new index; re-running resumes where it stopped")
     b.add_argument("checkpoint", help="the model whose image embeddings are indexed")
@@ -27,7 +27,8 @@ def add_parsers(sub) -> None:
         source.add_argument("--captions", help="caption file (.csv/.tsv/.jsonl with filepath, caption): captions are stored")
         q.add_argument("--batch-size", type=int, default=256)
 
-    p = sub.add_parser("search", help="query an index with a text (text -> image) or an image (image -> image)")
+
+def add_search(p) -> None:
     p.add_argument("index")
     p.add_argument("text", nargs="?", help='the query, e.g. "a red circle"')
     p.add_argument("--image", help="an image as the query instead of a text")
@@ -47,14 +48,14 @@ def _index_items(args) -> list[tuple[Path, str]]:
         raise UsageError(str(error)) from None
 
 
-def cmd_index(args) -> None:
-    import vlfm
+def index_command(args) -> None:
+    from vlfm.checkpoint import load
     from vlfm.search import SearchIndex
 
     items = _index_items(args)
     if args.index_command == "build":
         model_path = args.checkpoint
-        model = two_tower(vlfm.load(model_path), "index build")
+        model = two_tower(load(model_path), "index build")
         if (Path(args.out) / "meta.sqlite").is_file():
             index = SearchIndex.open(args.out)
             print(f"resuming {args.out} ({len(index)} items already indexed)")
@@ -63,22 +64,22 @@ def cmd_index(args) -> None:
                                        args.kind, args.hnsw_m, args.nlist, args.pq_m)  # fmt: skip
     else:
         index = SearchIndex.open(args.index)
-        model = two_tower(vlfm.load(index.info["model_path"]), "index add")
+        model = two_tower(load(index.info["model_path"]), "index add")
     stats = index.add_images(model, items, args.batch_size)
     print(json.dumps(stats))
     if stats["skipped"] and not stats["added"] and not len(index):
         raise UsageError(f"none of the {stats['skipped']} images could be decoded; the index is empty")
 
 
-def cmd_search(args) -> None:
-    import vlfm
+def search_command(args) -> None:
+    from vlfm.checkpoint import load
     from vlfm.search import SearchIndex
     from vlfm.search.index import contact_sheet
 
     if (args.text is None) == (args.image is None):
         raise UsageError("give a text query or --image, not both and not neither")
     index = SearchIndex.open(args.index)
-    model = two_tower(vlfm.load(args.checkpoint or index.info["model_path"]), "search")
+    model = two_tower(load(args.checkpoint or index.info["model_path"]), "search")
     index.check_model(model)
     query = model.embed_images([open_image(args.image)]) if args.image else model.embed_texts([args.text])
     hits = index.search(query.cpu().numpy(), args.k)[0]

@@ -1,14 +1,16 @@
 """The configuration of a `task: vlm` run: its data, its stages and their checks (the model's own shape,
-`VLMConfig`, lives in config.py with the other model sections, since checkpoints carry it)."""
+`VLMConfig`, lives in config/model.py with the other model sections, since checkpoints carry it)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlfm.config import ConfigError, TrainConfig, VLMConfig
+from vlfm.config.model import VLMConfig
+from vlfm.config.run import TrainConfig
 from vlfm.data.shapes import WorldConfig
 from vlfm.data.world_text import KINDS
+from vlfm.io import ConfigError
 
 
 @dataclass

@@ -5,7 +5,7 @@ In:  `LlamaForCausalLM` (Llama, SmolLM) and `Qwen2ForCausalLM` directories (conf
      `LlavaForConditionalGeneration` directories with a CLIP or SigLIP vision tower and a Llama / Qwen2 LM.
 Out: a directory `transformers.LlamaForCausalLM` (or `Qwen2ForCausalLM` when q/k/v have biases) loads.
 
-Rules use convert.py's format `(vlfm key, their key, how)`; every key of theirs is mapped or deliberately dropped.
+Rules use interop/rules.py's format `(vlfm key, their key, how)`; every key of theirs is mapped or deliberately dropped.
 The map takes their prefixes as parameters because LLaVA nests the same model: transformers 5 holds it in memory
 under `model.language_model.` with the head at `lm_head.`, and its files under `language_model.model.` and
 `language_model.lm_head.`.
@@ -20,22 +20,25 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from vlfm.checkpoint import CheckpointError, atomic_directory, load_state_strict
 from vlfm.config import ConfigError, LMConfig, ModelConfig, VLMConfig
-from vlfm.convert import (
+from vlfm.data.chat import IMAGE_TOKEN, TEMPLATES
+from vlfm.data.tokenizer import Tokenizer
+from vlfm.interop.hf_clip import (
     CLIP_VISION,
     DROPPED,
     SIGLIP_VISION,
-    Rule,
-    _hf_vision,
-    from_vlfm,
     hf_clip_map,
     hf_siglip_map,
+    hf_vision_config,
+)
+from vlfm.interop.rules import (
+    Rule,
+    from_vlfm,
+    hf_preprocess,
+    read_weights,
     to_vlfm,
 )
-from vlfm.data.chat import IMAGE_TOKEN, TEMPLATES
-from vlfm.data.tokenizer import Tokenizer
-from vlfm.foreign import hf_preprocess, read_weights
+from vlfm.io import CheckpointError, atomic_directory, load_state_strict
 from vlfm.models.lm import LanguageModel
 from vlfm.models.vlm import VisionLanguageModel
 
@@ -46,7 +49,10 @@ HF_LM_BLOCK = {
     "attn.v_proj": "self_attn.v_proj", "attn.out_proj": "self_attn.o_proj", "norm2": "post_attention_layernorm",
     "mlp.gate_proj": "mlp.gate_proj", "mlp.up_proj": "mlp.up_proj", "mlp.down_proj": "mlp.down_proj",
 }  # fmt: skip
+
+
 BIASED = ("attn.q_proj", "attn.k_proj", "attn.v_proj")  # Qwen2: biases on q/k/v, none on the output projection
+
 
 # What transformers assumes when config.json leaves a key out.
 HF_LM_DEFAULTS = {
@@ -59,6 +65,8 @@ HF_LM_DEFAULTS = {
               "tie_word_embeddings": False, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
               "use_sliding_window": False},
 }  # fmt: skip
+
+
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
@@ -170,12 +178,15 @@ def export_hf_lm(model: LanguageModel, out: str | Path) -> Path:
     return Path(out)
 
 
-# --- LLaVA -------------------------------------------------------------------------------------------------------
 # What transformers assumes when a LLaVA config.json leaves a key out (LlavaConfig, and its default vision tower).
 HF_LLAVA_DEFAULTS = {"projector_hidden_act": "gelu", "vision_feature_select_strategy": "default",
                      "vision_feature_layer": -2, "multimodal_projector_bias": True, "tie_word_embeddings": False}  # fmt: skip
+
+
 HF_LLAVA_VISION = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
                    "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14}  # fmt: skip
+
+
 VISION_KINDS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
 
 
@@ -189,10 +200,10 @@ def hf_llava_config(meta: dict, tokenizer: Tokenizer | None = None) -> VLMConfig
     v = c.get("vision_config") or HF_LLAVA_VISION
     kind = VISION_KINDS.get(v.get("model_type", "clip_vision_model"))
     if kind == "clip":
-        vision = _hf_vision({**CLIP_VISION, **v}, "vision_config", patch_bias=False, class_token=True, pre_norm=True, pool="cls")
+        vision = hf_vision_config({**CLIP_VISION, **v}, "vision_config", patch_bias=False, class_token=True, pre_norm=True, pool="cls")
     elif kind == "siglip":
         v = {**SIGLIP_VISION, **v}
-        vision = _hf_vision(v, "vision_config", patch_bias=True, pool="map" if v["vision_use_head"] else "mean", proj=False)
+        vision = hf_vision_config(v, "vision_config", patch_bias=True, pool="map" if v["vision_use_head"] else "mean", proj=False)
     else:
         raise CheckpointError(f"vision_config.model_type={v['model_type']!r}: vlfm loads LLaVA with a "
                               f"{' or '.join(VISION_KINDS)} vision tower")  # fmt: skip

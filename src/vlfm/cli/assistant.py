@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+from vlfm.io import UsageError, open_image
 
-def add_parsers(sub) -> None:
-    p = sub.add_parser("chat", help="talk with a trained assistant about an image (interactive, or --prompt once)")
+
+def add_chat(p) -> None:
     p.add_argument("checkpoint", help="a VLM run or checkpoint directory (configs/shapes-vlm.yaml trains one)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="the image to talk about")
@@ -23,22 +23,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
 
 
-def is_vlm(model) -> bool:
-    return type(model).__name__ == "VisionLanguageModel"
-
-
-def is_language_model(model) -> bool:
-    return type(model).__name__ in ("VisionLanguageModel", "LanguageModel")
-
-
-def cmd_chat(args) -> None:
+def chat_command(args) -> None:
     import torch
 
-    import vlfm
-    from vlfm.cli_common import UsageError, open_image
+    from vlfm.checkpoint import load
+    from vlfm.models import VisionLanguageModel
 
-    model = vlfm.load(args.checkpoint)
-    if not is_vlm(model):
+    model = load(args.checkpoint)
+    if not isinstance(model, VisionLanguageModel):
         raise UsageError(f"chat needs a vision-language model; {args.checkpoint} is a {type(model).__name__}")
     if args.scene is not None:
         return _chat_about_scene(model, args)
@@ -100,8 +92,7 @@ def eval_vlm(model, args, path: Path) -> tuple[dict, Path]:
     import yaml
 
     from vlfm.checkpoint import resolve
-    from vlfm.config import from_dict
-    from vlfm.config_vlm import VLMRunConfig
+    from vlfm.config import VLMRunConfig, from_dict
     from vlfm.data.shapes import WorldConfig
     from vlfm.train.vlm import evaluate_vlm
 
@@ -119,7 +110,9 @@ def eval_vlm(model, args, path: Path) -> tuple[dict, Path]:
 
 def describe(model, count) -> None:
     """`vlfm info` for a VisionLanguageModel or a bare LanguageModel."""
-    if type(model).__name__ == "LanguageModel":
+    from vlfm.models import LanguageModel
+
+    if isinstance(model, LanguageModel):
         lm = model.config
         print(f"kind: language model  parameters: {count(model) / 1e6:.2f}M  width {lm.width} x {lm.layers} layers, "
               f"{lm.heads} heads ({lm.kv_heads} kv), context {lm.max_positions}, vocab {lm.vocab_size}")
@@ -134,5 +127,3 @@ def describe(model, count) -> None:
           f"vocab {lm.vocab_size} ({count(model.lm) / 1e6:.2f}M)")
 
 
-def print_json(metrics: dict) -> None:
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, indent=2))

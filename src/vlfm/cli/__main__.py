@@ -1,0 +1,5 @@
+import sys
+
+from vlfm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,197 @@
+"""Commands that use a trained model: `vlfm eval | classify | embed | info | convert`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from vlfm.cli.assistant import describe, eval_vlm
+from vlfm.cli.common import print_json, two_tower
+from vlfm.io import UsageError, open_image
+
+
+def add_eval(p) -> None:
+    p.add_argument("checkpoint", help="run directory or checkpoint directory")
+    p.add_argument("--task", choices=("world", "zeroshot_classification", "zeroshot_retrieval", "linear_probe"),
+                   default="world", help="world (default): zero-shot + retrieval on the built-in world -> eval.json")
+    p.add_argument("--dataset", default="shapes",
+                   help="shapes | digits | lfw_subset | a folder of class folders | a caption file (zeroshot_retrieval)")
+    p.add_argument("--features", choices=("embedding", "pooled", "tokens"), default="pooled",
+                   help="linear_probe: which frozen image features")
+    p.add_argument("--csv", default="runs/eval_results.csv", help="a row per (model, dataset, task) is appended here")
+    p.add_argument("--out", help="where to write the JSON (default: beside the checkpoint)")
+    p.add_argument("--retrieval-size", type=int, default=1000, help="world: held-out scenes for retrieval")
+    p.add_argument("--classify-size", type=int, default=500, help="world: single-object scenes per zero-shot set")
+    p.add_argument("--vqa-size", type=int, default=300, help="world, VLM checkpoints: unseen scenes for VQA (vqa_acc)")
+
+
+def eval_command(args) -> None:
+    import yaml
+
+    from vlfm.checkpoint import load, resolve
+    from vlfm.config import RunConfig, from_dict
+    from vlfm.eval.tasks import append_csv, evaluate_task
+    from vlfm.models import VisionLanguageModel
+
+    path = Path(args.checkpoint)
+    model = load(path)
+    default_dir = path if path.is_dir() and (path / "config.yaml").is_file() else resolve(path)
+    if isinstance(model, VisionLanguageModel):
+        if args.task != "world" or args.dataset != "shapes":
+            raise UsageError("a vision-language model is evaluated on the built-in world's VQA (--task world)")
+        metrics, out = eval_vlm(model, args, path)
+    elif args.task == "world":
+        two_tower(model, "eval")
+        from vlfm.data.shapes import WorldConfig
+        from vlfm.eval.world import WorldBenchmark
+
+        if args.dataset != "shapes":
+            raise UsageError("--task world evaluates on the built-in world; pick another --task for --dataset")
+        run_config = path / "config.yaml"
+        if run_config.is_file():  # a run directory: evaluate on the world it trained on
+            world = from_dict(RunConfig, yaml.safe_load(run_config.read_text())).data.world
+        else:
+            world = WorldConfig(image_size=model.config.vision.image_size)
+        metrics = WorldBenchmark(world, args.classify_size, args.retrieval_size).evaluate(model)
+        out = Path(args.out) if args.out else default_dir / "eval.json"
+    else:
+        two_tower(model, "eval")
+        try:
+            metrics = evaluate_task(model, args.task, args.dataset, features=args.features)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        name = Path(args.dataset).stem if Path(args.dataset).exists() else args.dataset
+        out = Path(args.out) if args.out else default_dir / f"eval_{args.task}_{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2))
+    append_csv(args.csv, str(path), args.dataset, args.task, metrics)
+    print_json(metrics)
+    print(f"wrote {out}; appended a row to {args.csv}")
+
+
+def add_classify(p) -> None:
+    p.add_argument("checkpoint")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--labels", required=True, help='comma-separated labels, e.g. "a red circle,a blue square"')
+    p.add_argument("--templates", help='comma-separated prompt templates with {}, e.g. "a photo of {}"')
+
+
+def classify_command(args) -> None:
+    from vlfm.checkpoint import load
+
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    if len(labels) < 2:
+        raise UsageError("--labels needs at least two comma-separated labels")
+    templates = [t.strip() for t in args.templates.split(",")] if args.templates else None
+    if templates and any("{}" not in t for t in templates):
+        raise UsageError("every template needs a {} where the label goes")
+    images = [open_image(p) for p in args.images]
+    model = two_tower(load(args.checkpoint), "classify")
+    probabilities = model.classify(images, labels, templates)
+    width = max(len(label) for label in labels)
+    for path, row in zip(args.images, probabilities):
+        best = int(row.argmax())
+        print(f"{path}: {labels[best]}")
+        for label, p in sorted(zip(labels, row.tolist()), key=lambda t: -t[1]):
+            print(f"  {label:<{width}}  {p:.3f}")
+
+
+def add_embed(p) -> None:
+    p.add_argument("checkpoint")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="folder of images (sorted by name; undecodable ones are skipped)")
+    source.add_argument("--texts", help="text file, one text per line")
+    p.add_argument("--out", required=True, help="output .npy (a .txt beside it lists the rows)")
+    p.add_argument("--batch-size", type=int, default=256)
+
+
+def embed_command(args) -> None:
+    import numpy as np
+
+    from vlfm.checkpoint import load
+
+    model = load(args.checkpoint)
+    if args.texts:
+        text_file = Path(args.texts)
+        if not text_file.is_file():
+            raise FileNotFoundError(f"text file {str(text_file)!r} does not exist")
+        rows = [line.strip() for line in text_file.read_text().splitlines() if line.strip()]
+        if not rows:
+            raise UsageError(f"{text_file} has no non-empty lines")
+        embeddings = model.embed_texts(rows, args.batch_size)
+    else:
+        two_tower(model, "embed --images")
+        from vlfm.data.sources import list_images
+        from vlfm.io import decode_image
+
+        try:
+            decoded = [(path, decode_image(path)) for path in list_images(args.images)]
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        images, rows = [image for _, image in decoded if image is not None], [str(p) for p, image in decoded if image is not None]
+        skipped = [path.name for path, image in decoded if image is None]
+        if skipped:
+            logging.getLogger("vlfm").warning("skipped %d undecodable image(s): %s", len(skipped), ", ".join(skipped[:5]))
+        if not images:
+            raise UsageError(f"{args.images} holds no readable images")
+        embeddings = model.embed_images(images, args.batch_size)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, embeddings.cpu().numpy().astype(np.float32))
+    out.with_suffix(".txt").write_text("\n".join(rows) + "\n")
+    print(f"wrote {tuple(embeddings.shape)} embeddings to {out}")
+
+
+def add_info(p) -> None:
+    p.add_argument("checkpoint")
+
+
+def info_command(args) -> None:
+    from vlfm.checkpoint import load, resolve
+    from vlfm.config import to_dict
+    from vlfm.interop import detect
+    from vlfm.models import ImageClassifier, LanguageModel, TwoTowerModel, VisionLanguageModel
+
+    directory = resolve(args.checkpoint)
+    model = load(directory)
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    print(f"checkpoint: {directory} (layout: {detect(directory)})")
+    if isinstance(model, (VisionLanguageModel, LanguageModel)):
+        describe(model, count)
+    elif isinstance(model, TwoTowerModel):
+        print(f"kind: {model.config.kind}  embed_dim: {model.config.embed_dim}  parameters: {count(model) / 1e6:.2f}M")
+    elif isinstance(model, ImageClassifier):
+        names = model.config.classnames
+        print(f"kind: image classifier, {len(names)} classes ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"
+              f"  parameters: {count(model) / 1e6:.2f}M")  # fmt: skip
+    else:
+        print(f"kind: text encoder  parameters: {count(model) / 1e6:.2f}M")
+    if hasattr(model, "visual"):
+        v = model.visual.config
+        print(f"vision: {v.image_size}px patch {v.patch_size} width {v.width} x {v.layers} layers, "
+              f"stem {v.stem}, pool {v.pool} ({count(model.visual) / 1e6:.2f}M)")
+    if hasattr(model, "text"):
+        t = model.text.config
+        print(f"text: context {t.context_length} width {t.width} x {t.layers} layers, {t.norm}-norm, "
+              f"{'causal' if t.causal else 'bidirectional'}, pool {t.pool} ({count(model.text) / 1e6:.2f}M)")
+    preprocess = f"; preprocess: {to_dict(model.preprocess_config)}" if hasattr(model, "preprocess_config") else ""
+    print(f"tokenizer: {model.tokenizer.vocab_size if model.tokenizer else 'none'} tokens{preprocess}")
+    print("files: " + ", ".join(sorted(p.name for p in directory.iterdir())) if directory.is_dir() else f"file: {directory}")
+
+
+def add_convert(p) -> None:
+    p.add_argument("checkpoint", help="vlfm run or checkpoint, Hugging Face CLIP/SigLIP/BERT directory, or open_clip weights")
+    p.add_argument("out", help="output directory (written atomically)")
+    p.add_argument("--to", choices=("hf", "vlfm"), required=True,
+                   help="hf: a directory transformers' CLIPModel / SiglipModel loads; vlfm: vlfm's own format")
+    p.add_argument("--config", help="open_clip only: the model-config JSON (e.g. ViT-B-32.json) if not beside the weights")
+
+
+def convert_command(args) -> None:
+    from vlfm.checkpoint import load
+    from vlfm.interop import export_hf
+
+    model = load(args.checkpoint, config=args.config)
+    out = export_hf(model, args.out) if args.to == "hf" else model.save(args.out)
+    print(f"wrote {args.to} checkpoint {out}")

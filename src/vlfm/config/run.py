@@ -1,0 +1,99 @@
+"""A contrastive run (`task: contrastive`, the default): its data, its training and its distribution over ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlfm.config.base import check_choice
+from vlfm.config.model import ModelConfig
+from vlfm.data.shapes import WorldConfig
+from vlfm.io import ConfigError
+
+
+@dataclass
+class DataConfig:
+    # shapes | a caption file (.csv/.tsv/.jsonl with filepath + caption) | WebDataset shards (a .tar, a folder
+    # of .tar files, or a brace pattern such as shards/shard-{000000..000009}.tar)
+    source: str = "shapes"
+    train_size: int = 20000  # scenes rendered for training (shapes)
+    eval_size: int = 1000  # held-out scenes for retrieval
+    classify_size: int = 500  # single-object scenes per zero-shot evaluation set
+    world: WorldConfig = field(default_factory=WorldConfig)
+    augment: bool = False  # random resized crop (+ flip when allowed); off for shapes: it breaks "left of"
+    caption_column: str = "caption"
+    image_column: str = "filepath"
+    workers: int = 2  # processes that render the world, or that read and decode a stream's shards (0: in-process)
+    # Shards only: stream them (data/stream.py) instead of decoding every sample into memory. Each rank and each
+    # worker reads its own shards, forever, epoch after epoch; the position is part of the training checkpoint,
+    # and --resume needs the same torchrun size, data.workers and train.batch_size.
+    stream: bool = False
+    shuffle_buffer: int = 1000  # stream: samples shuffled in a seeded buffer (per reader and epoch); <= 1: no shuffle
+
+    def __post_init__(self):
+        if self.stream and (self.source == "shapes" or Path(self.source).suffix in (".csv", ".tsv", ".jsonl", ".json")):
+            raise ConfigError(f"data.stream=true reads WebDataset shards, but data.source={self.source!r} is not shards; "
+                              "write some with `vlfm data shard` and point data.source at them, or set data.stream=false")
+        if self.workers < 0:
+            raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 256
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.0
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    clip_grad: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a grad scaler; GPU only)
+    logit_lr_mult: float = 1.0  # learning-rate multiplier for logit_scale / logit_bias
+    eval_every: int = 250
+    save_every: int = 250
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    multi_positive: bool = True  # identical captions in a batch are positives of each other
+    caption_positives: bool = False  # in-memory data: a caption is a positive of every image in the batch that has it among its captions
+    grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
+    lock_text: bool = False  # LiT: the text tower (from model.text_init) stays frozen; only the image side learns
+    loss_chunk: int = 0  # > 0: the contrastive loss over blocks of this many texts (O(B x chunk) memory); 0: full matrix
+    gradcache: bool = False  # contrastive: grad_accum micro-batches share one loss over the whole batch (GradCache)
+    hard_negatives: bool = False  # built-in world: each image also ranks against its caption with one detail changed
+
+    def __post_init__(self):
+        check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        if self.gradcache and self.precision == "fp16":
+            raise ConfigError("train.gradcache=true does not take fp16's grad scaler; use bf16 or fp32")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class DistributedConfig:
+    """How a run launched with torchrun shares the work (ignored in a single process)."""
+
+    strategy: str = "ddp"  # ddp: every rank holds the whole model | fsdp: FSDP2, parameters sharded over ranks
+    local_loss: bool = False  # CLIP: each rank computes only its rows' loss against the global batch
+
+    def __post_init__(self):
+        check_choice("distributed.strategy", self.strategy, ("ddp", "fsdp"))
+
+
+@dataclass
+class RunConfig:
+    task: str = "contrastive"  # contrastive (CLIP / SigLIP two towers) | vlm (VLMRunConfig)
+    name: str = "run"
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
