@@ -22,6 +22,13 @@ def test_unknown_key_names_it():
         from_dict(RunConfig, {"bogus": 1})
 
 
+@pytest.mark.parametrize("key", ["train.hard_negatives", "train.caption_positives"])
+def test_retired_options_are_unknown_keys(key):
+    """Retired (docs/experiments.md keeps their findings): a config that still sets one fails like any typo."""
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config("configs/shapes-clip.yaml", [f"{key}=true"])
+
+
 def test_wrong_type_and_choice():
     with pytest.raises(ConfigError, match="train.steps must be int"):
         load_config(None, ["train.steps=lots"])

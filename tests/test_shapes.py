@@ -17,7 +17,7 @@ from vlfm.data.shapes import (
     label,
     render_many,
 )
-from vlfm.data.world_text import caption_variants, captions, hard_negatives, questions
+from vlfm.data.world_text import captions, questions
 
 
 @pytest.fixture(scope="module")
@@ -167,29 +167,6 @@ def test_caption_variants(world):
     assert "a blue shape and a green shape" in pair or "a green shape and a blue shape" in pair
     three = captions(S(("red", "star", "small", 0.2, 0.5), ("red", "circle", "small", 0.5, 0.5), ("red", "cross", "small", 0.8, 0.5)))
     assert "three red shapes" in three
-
-
-def test_hard_negatives_change_what_the_caption_says(world):
-    """Each caption's hard negative keeps its phrasing where it can and is never true of the scene: no caption
-    the world could write for it (any order of the listed objects, any opening) and no held-out label."""
-    held_out = world.config.held_out
-    pairs = []
-    for i in range(300):
-        scene = world.scene("train", i)
-        own, negatives, valid = captions(scene), hard_negatives(scene, held_out), caption_variants(scene)
-        assert set(own) <= valid and len(negatives) == len(own)
-        assert not set(negatives) & valid
-        assert not any(label in n for label in held_out for n in negatives)
-        pairs += [(c.split(), n.split()) for c, n in zip(own, negatives)]
-    close = [len(c) == len(n) and sum(a != b for a, b in zip(c, n)) <= 2 for c, n in pairs]
-    assert sum(close) > 0.9 * len(pairs)  # most are their caption with one or two words changed (measured: 0.95)
-    pair = S(("blue", "square", "small", 0.2, 0.5), ("green", "triangle", "big", 0.7, 0.4))
-    assert {"a blue shape and a green shape", "a green shape and a blue shape"} <= caption_variants(pair)  # order
-    assert "a big green triangle left of a small blue square" not in caption_variants(pair)  # places swapped
-    grey = Scene(pair.objects, 3, grey=True)
-    assert not any(c in n for n in hard_negatives(grey) for c in ("red", "green", "blue", "yellow", "purple", "orange"))
-    digit = Scene((), 5, digit=7)
-    assert hard_negatives(digit) and all("7" not in n and "seven" not in n for n in hard_negatives(digit))
 
 
 def qa_dict(scene, **kw):

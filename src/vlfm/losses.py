@@ -27,27 +27,17 @@ def clip_loss(
     logit_scale: torch.Tensor,
     positives: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
-    negatives: torch.Tensor | None = None,
-    negative_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric softmax cross-entropy (InfoNCE) over the similarity matrix, averaged over both directions.
 
     image, text: (B, D) normalised; logit_scale: exp(t'), a scalar. With several positives in a row, the
-    target distribution spreads evenly over them. `negatives` (N, D): extra texts (hard negatives, NegCLIP)
-    that every image's row also ranks against (image -> text only); `negative_keys` (N,) with `keys`: a
-    negative whose key equals an image's is a positive of it (the same caption)."""
+    target distribution spreads evenly over them."""
     logits = logit_scale * image @ text.T  # (B, B): row i = image i against every text
     positives = _dense_positives(positives, keys)
-    if positives is None and negatives is None:
+    if positives is None:
         targets = torch.arange(len(logits), device=logits.device)
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
-    if positives is None:
-        positives = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
-    image_to_text, positives_i2t = logits, positives
-    if negatives is not None:
-        image_to_text = torch.cat([logits, logit_scale * image @ negatives.T], dim=1)
-        positives_i2t = torch.cat([positives, _negative_positives(keys, negative_keys, logits.shape[0], negatives)], 1)
-    return (_soft_cross_entropy(image_to_text, positives_i2t) + _soft_cross_entropy(logits.T, positives.T)) / 2
+    return (_soft_cross_entropy(logits, positives) + _soft_cross_entropy(logits.T, positives.T)) / 2
 
 
 def siglip_loss(
@@ -57,18 +47,12 @@ def siglip_loss(
     logit_bias: torch.Tensor,
     positives: torch.Tensor | None = None,
     keys: torch.Tensor | None = None,
-    negatives: torch.Tensor | None = None,
-    negative_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pairwise sigmoid loss: -sum_ij log sigmoid(z_ij * (t * cos_ij + b)) / B, z = +1 for positives, -1 else.
-    `negatives` (N, D): extra texts paired with every image, z = -1 (+1 where `negative_keys` equal `keys`)."""
+    """Pairwise sigmoid loss: -sum_ij log sigmoid(z_ij * (t * cos_ij + b)) / B, z = +1 for positives, -1 else."""
     logits = logit_scale * image @ text.T + logit_bias  # (B, B)
     positives = _dense_positives(positives, keys)
     if positives is None:
         positives = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
-    if negatives is not None:
-        logits = torch.cat([logits, logit_scale * image @ negatives.T + logit_bias], dim=1)
-        positives = torch.cat([positives, _negative_positives(keys, negative_keys, len(image), negatives)], 1)
     signs = positives.to(logits.dtype) * 2 - 1
     return -F.logsigmoid(signs * logits).sum() / len(logits)
 
@@ -193,15 +177,6 @@ def _dense_positives(positives: torch.Tensor | None, keys: torch.Tensor | None) 
     if positives is not None and keys is not None:
         raise ValueError("pass positives or keys, not both (keys k give positives k[:, None] == k[None, :])")
     return keys[:, None] == keys[None, :] if keys is not None else positives
-
-
-def _negative_positives(keys, negative_keys, rows: int, negatives: torch.Tensor) -> torch.Tensor:
-    """(rows, N) bool: which of the N extra negatives are an image's own caption after all (equal keys)."""
-    if (keys is None) != (negative_keys is None):
-        raise ValueError("negative_keys come with keys (caption ids of the pairs and of the negatives), or neither")
-    if keys is None:
-        return torch.zeros(rows, len(negatives), dtype=torch.bool, device=negatives.device)
-    return keys[:, None] == negative_keys[None, :]
 
 
 def _row_keys(keys: torch.Tensor | None, rows: int, device: torch.device) -> torch.Tensor:

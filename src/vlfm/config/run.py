@@ -59,12 +59,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads; 0 = torch's default
     multi_positive: bool = True  # identical captions in a batch are positives of each other
-    caption_positives: bool = False  # in-memory data: a caption is a positive of every image in the batch that has it among its captions
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
     lock_text: bool = False  # LiT: the text tower (from model.text_init) stays frozen; only the image side learns
     loss_chunk: int = 0  # > 0: the contrastive loss over blocks of this many texts (O(B x chunk) memory); 0: full matrix
     gradcache: bool = False  # contrastive: grad_accum micro-batches share one loss over the whole batch (GradCache)
-    hard_negatives: bool = False  # built-in world: each image also ranks against its caption with one detail changed
 
     def __post_init__(self):
         check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))

@@ -27,13 +27,10 @@ class ImageTextData:
     images: torch.Tensor
     captions: list[list[str]]
     skipped: int = 0
-    negatives: list[list[str]] | None = None  # a hard negative for each caption (train.hard_negatives)
 
     def __post_init__(self):
         if len(self.images) != len(self.captions):
             raise ValueError(f"{len(self.images)} images but {len(self.captions)} caption lists")
-        if self.negatives is not None and [len(n) for n in self.negatives] != [len(c) for c in self.captions]:
-            raise ValueError("negatives must hold one hard negative for each caption")
 
     def __len__(self) -> int:
         return len(self.captions)

@@ -5,15 +5,13 @@ Pure functions of the scene (a per-scene seed drives the choices), so any scene'
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import re
 from collections.abc import Iterable
 
 import numpy as np
 
 from vlfm.data.glyphs import glyph_captions
-from vlfm.data.shapes import ALL_LABELS, COLOURS, SHAPES, SIZES, Obj, Scene
+from vlfm.data.shapes import ALL_LABELS, COLOURS, SHAPES, Obj, Scene
 
 NUMBERS = ("zero", "one", "two", "three", "four")
 OPENERS = ("a picture of", "an image of", "a drawing of", "a photo of")
@@ -74,12 +72,6 @@ def captions(scene: Scene, rng: np.random.Generator | None = None) -> list[str]:
     return _phrasings(scene, order, OPENERS[rng.integers(len(OPENERS))])
 
 
-def caption_variants(scene: Scene) -> set[str]:
-    """Every caption the world could write for this scene: captions() under each listing order and opening."""
-    orders = itertools.permutations(range(len(scene.objects)))
-    return {text for order in orders for opener in OPENERS for text in _phrasings(scene, order, opener)}
-
-
 def _phrasings(scene: Scene, order, opener: str) -> list[str]:
     """captions() with its two random choices given: the order of the listed objects and the opening."""
     objs = sorted(scene.objects, key=lambda o: (o.x, o.y))
@@ -116,53 +108,6 @@ def _phrasings(scene: Scene, order, opener: str) -> list[str]:
     return out
 
 
-def hard_negatives(scene: Scene, avoid: Iterable[str] = ()) -> list[str]:
-    """A hard negative for each of captions(scene) (NegCLIP): the same phrasing of the scene changed a little:
-    one object's colour, shape or size replaced, or two objects' colours, shapes, sizes or places swapped. It is
-    never a caption the world could write for the scene itself (in any order or opening) and names no `avoid`
-    label (the held-out ones). A phrasing that no change alters (e.g. "two shapes" when the change is a colour)
-    gets the changed scene's canonical caption. A glyph scene's: the same phrasings of another digit."""
-    if scene.digit is not None:
-        return glyph_captions((scene.digit + 1 + int(_scene_rng(scene, 3).integers(9))) % 10)
-    changes = _changes(scene, set(avoid))
-    own, valid, rng = captions(scene), caption_variants(scene), _scene_rng(scene, 3)
-    memo: dict[int, list[str]] = {}
-    out = []
-    for j in range(len(own)):
-        for k in rng.permutation(len(changes))[:8]:  # a few changes at random: the first usually alters phrasing j
-            changed = memo.setdefault(k, captions(dataclasses.replace(scene, objects=changes[k])))
-            if changed[j] not in valid:
-                out.append(changed[j])
-                break
-        else:
-            out.append(changed[0])  # canonical: names every object's size, colour, shape and place
-    return out
-
-
-def _changes(scene: Scene, avoid: set[str]) -> list[tuple[Obj, ...]]:
-    """The scene's objects with one small change each: see hard_negatives."""
-    objs, out = scene.objects, []
-
-    def put(new: dict[int, Obj]) -> None:
-        changed = tuple(new.get(i, o) for i, o in enumerate(objs))
-        if not scene.grey or all(o.colour == c.colour for o, c in zip(objs, changed)):  # grey: no colour to change
-            if changed != objs and not any(o.label in avoid for o in changed):
-                out.append(changed)
-
-    for i, o in enumerate(objs):
-        for colour in COLOURS:
-            put({i: dataclasses.replace(o, colour=colour)})
-        for shape in SHAPES:
-            put({i: dataclasses.replace(o, shape=shape)})
-        put({i: dataclasses.replace(o, size=next(s for s in SIZES if s != o.size))})
-        for j in range(i + 1, len(objs)):
-            b = objs[j]
-            for attrs in (("colour",), ("shape",), ("size",), ("colour", "shape", "size")):  # all three: places
-                put({i: dataclasses.replace(o, **{a: getattr(b, a) for a in attrs}),
-                     j: dataclasses.replace(b, **{a: getattr(o, a) for a in attrs})})  # fmt: skip
-    return out
-
-
 def questions(
     scene: Scene, rng: np.random.Generator | None = None, avoid: Iterable[str] = (), training: bool = False
 ) -> list[tuple[str, str]]:
@@ -172,7 +117,7 @@ def questions(
     `training`: more existence questions, appended: a 'yes' about every object, as many plausible 'no's, and
     one easy 'no' about an object whose colour and shape are both absent (one attribute answers it, which a
     model learns before it learns to check both). With one 'yes' and one 'no' per scene, some runs answered
-    one word to every existence question; with these, most runs learn them (README: the assistant's runs)."""
+    one word to every existence question; with these, most runs learn them (docs/experiments.md §10)."""
     if scene.digit is not None:
         return [("what digit is this?", str(scene.digit)), ("how many shapes are there?", "zero")]
     rng = rng or _scene_rng(scene, 2)

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import multiprocessing as mp
 import random
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.nn.utils.rnn import pad_sequence
 
 from vlfm import distributed
 from vlfm.config import ConfigError, RunConfig
@@ -25,7 +23,7 @@ from vlfm.data.sources import ImageTextData, load_image_text, read_caption_file
 from vlfm.data.stream import ShardBatches, tokenize_batch
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess, to_uint8_tensor
-from vlfm.data.world_text import captions, hard_negatives
+from vlfm.data.world_text import captions
 from vlfm.eval.world import WorldBenchmark
 from vlfm.io import load_state_strict
 from vlfm.losses import (
@@ -43,15 +41,6 @@ from vlfm.train.loop import EpochSampler, autocast_context
 log = logging.getLogger("vlfm")
 
 
-def world_negatives(scenes: list, held_out: list[str], workers: int) -> list[list[str]]:
-    """hard_negatives() of every scene (~1 ms a scene), on `workers` processes."""
-    jobs = [(scene, held_out) for scene in scenes]
-    if workers <= 1 or len(scenes) < 1000:
-        return [hard_negatives(*job) for job in jobs]
-    with mp.get_context().Pool(workers) as pool:
-        return pool.starmap(hard_negatives, jobs, chunksize=max(1, len(jobs) // (4 * workers)))
-
-
 def load_training_data(config: RunConfig, preprocess: Preprocess) -> ImageTextData:
     data = config.data
     if data.source == "shapes":
@@ -59,8 +48,7 @@ def load_training_data(config: RunConfig, preprocess: Preprocess) -> ImageTextDa
             raise ConfigError(f"data.world.image_size={data.world.image_size} differs from model.vision.image_size="
                               f"{config.model.vision.image_size}; set both to the same value")
         images, scenes = render_many(ShapesWorld(data.world), "train", data.train_size, workers=data.workers)
-        negatives = world_negatives(scenes, data.world.held_out, data.workers) if config.train.hard_negatives else None
-        return ImageTextData(torch.from_numpy(images), [captions(s) for s in scenes], negatives=negatives)
+        return ImageTextData(torch.from_numpy(images), [captions(s) for s in scenes])
     if is_shard_source(data.source):
         return load_shards(data.source, preprocess)
     rows = read_caption_file(data.source, data.image_column, data.caption_column)
@@ -117,8 +105,7 @@ class ContrastiveTask:
     def _index_captions(self, all_captions: list[str]) -> None:
         """In-memory data: tokenize each distinct caption once; a training step only indexes these tensors."""
         config, tokenizer = self.config, self.tokenizer
-        negatives = [n for caps in self.data.negatives for n in caps] if self.data.negatives is not None else []
-        vocabulary = {c: i for i, c in enumerate(dict.fromkeys(all_captions + negatives))}
+        vocabulary = {c: i for i, c in enumerate(dict.fromkeys(all_captions))}
         text = config.model.text
         self.caption_ids, self.caption_mask = tokenizer(list(vocabulary), text.context_length, pad_to_context=text.pool == "end")
         if config.train.lock_text:  # LiT: the text side never changes, so every caption is embedded once
@@ -128,11 +115,8 @@ class ContrastiveTask:
         flat = [vocabulary[c] for caps in self.data.captions for c in caps]
         counts = [len(caps) for caps in self.data.captions]
         self.flat_captions = torch.tensor(flat)
-        self.flat_negatives = torch.tensor([vocabulary[n] for n in negatives]) if negatives else None
         self.caption_counts = torch.tensor(counts)
         self.caption_offsets = torch.cumsum(torch.tensor([0] + counts[:-1]), 0)
-        if config.train.caption_positives:  # each image's caption ids, one row per image, padded with -1
-            self.image_captions = pad_sequence(self.flat_captions.split(counts), batch_first=True, padding_value=-1)
         self.sampler = EpochSampler(len(self.data), config.train)
 
     @staticmethod
@@ -188,14 +172,9 @@ class ContrastiveTask:
             crop = self.preprocess.random_resized_crop
             images = to_uint8_tensor([crop(_to_pil(img), random.Random(f"{train.seed}/{p}")) for img, p in zip(images, positions.tolist())])
         out = {"images": images, "caption": caption}
-        if self.config.train.caption_positives:  # [i, k]: caption k is one of image i's captions
-            out["positives"] = (self.image_captions[indices][:, None, :] == caption[None, :, None]).any(dim=-1)
-        if self.flat_negatives is not None:  # the same caption with one detail changed (train.hard_negatives)
-            out["negative"] = self.flat_negatives[self.caption_offsets[indices] + pick]
-        rows = torch.cat([caption, out.get("negative", caption[:0])])
-        mask = self.caption_mask[rows]
+        mask = self.caption_mask[caption]
         length = int(mask.sum(dim=1).max())  # trim shared padding: text cost follows the longest caption
-        out["input_ids"], out["attention_mask"] = self.caption_ids[rows, :length], mask[:, :length]
+        out["input_ids"], out["attention_mask"] = self.caption_ids[caption, :length], mask[:, :length]
         return out
 
     def data_state(self) -> dict | None:
@@ -217,13 +196,7 @@ class ContrastiveTask:
             pixels = self.preprocess.normalize(batch["images"].to(self.device, non_blocking=True))
             image, text, scale, bias = self.train_model(pixels, batch["input_ids"].to(self.device),
                                                         batch["attention_mask"].to(self.device))
-        rows, keys = len(batch["caption"]), self._keys([batch])
-        negatives = negative_keys = None
-        if "negative" in batch:  # the texts hold the pairs' captions first, then their hard negatives
-            negatives = text[rows:]
-            negative_keys = batch["negative"].to(self.device) if keys is not None else None
-        positives = batch["positives"].to(self.device) if "positives" in batch else None  # train.caption_positives
-        loss = self.contrastive_loss(image, text[:rows], scale, bias, keys, negatives, negative_keys, positives)
+        loss = self.contrastive_loss(image, text, scale, bias, self._keys([batch]))
         return loss, self._info(loss, scale, bias)
 
     def gradcache_backward(self, step: int) -> dict[str, float]:
@@ -246,9 +219,9 @@ class ContrastiveTask:
             return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
 
     def _encode_text(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Features of the batch's captions, then of its hard negatives if any."""
+        """Features of the batch's captions."""
         if self.text_features is not None:
-            return self.text_features[torch.cat([batch["caption"], batch.get("negative", batch["caption"][:0])]).to(self.device)]
+            return self.text_features[batch["caption"].to(self.device)]
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         with autocast_context(self.device, self.config.train.precision):
             return F.normalize(self.model.encode_text(ids, mask).float(), dim=-1)
@@ -257,22 +230,11 @@ class ContrastiveTask:
         """Caption ids: equal ids are positives of each other (None: only the diagonal)."""
         return torch.cat([b["caption"] for b in batches]).to(self.device) if self.config.train.multi_positive else None
 
-    def contrastive_loss(self, image, text, scale, bias, keys, negatives=None, negative_keys=None,
-                         positives=None) -> torch.Tensor:  # fmt: skip
+    def contrastive_loss(self, image, text, scale, bias, keys) -> torch.Tensor:
         """The kind's loss over the global batch: gathered across ranks under torchrun, in blocks of texts with
-        train.loss_chunk, else over the full similarity matrix (the only path that takes hard negatives, or a
-        dense (B, B) `positives` mask in place of keys: train.caption_positives)."""
+        train.loss_chunk, else over the full similarity matrix."""
         image, text, scale = image.float(), text.float(), scale.float()
         bias = None if bias is None else bias.float()
-        if positives is not None:
-            if bias is None:
-                return clip_loss(image, text, scale, positives=positives)
-            return siglip_loss(image, text, scale, bias, positives=positives)
-        if negatives is not None:
-            negatives = negatives.float()
-            if bias is None:
-                return clip_loss(image, text, scale, keys=keys, negatives=negatives, negative_keys=negative_keys)
-            return siglip_loss(image, text, scale, bias, keys=keys, negatives=negatives, negative_keys=negative_keys)
         chunk = self.config.train.loss_chunk or None
         if distributed.world_size() > 1:
             if bias is None:
@@ -318,21 +280,6 @@ def check_parallel_config(config: RunConfig) -> None:
             raise ConfigError("train.lock_text under torchrun needs train.gradcache=true (its step syncs gradients itself)")
         if train.gradcache and parallel.strategy == "fsdp":
             raise ConfigError("train.gradcache=true runs with distributed.strategy=ddp, not fsdp")
-    if train.hard_negatives:
-        if config.data.source != "shapes":
-            raise ConfigError("train.hard_negatives=true writes each negative from a built-in world scene; it needs "
-                              f"data.source=shapes, not {config.data.source!r}")  # fmt: skip
-        if train.loss_chunk or train.gradcache or distributed.world_size() > 1:
-            raise ConfigError("train.hard_negatives=true takes the full loss in one process: set train.loss_chunk=0 "
-                              "and train.gradcache=false, and launch without torchrun")  # fmt: skip
-    if train.caption_positives:
-        if config.data.stream:
-            raise ConfigError("train.caption_positives=true looks up each image's captions in memory; it does not "
-                              "take data.stream=true")  # fmt: skip
-        if train.hard_negatives or train.loss_chunk or train.gradcache or distributed.world_size() > 1:
-            raise ConfigError("train.caption_positives=true takes the full loss in one process without hard negatives: "
-                              "set train.hard_negatives=false, train.loss_chunk=0 and train.gradcache=false, and "
-                              "launch without torchrun")  # fmt: skip
     if train.lock_text and config.data.stream:
         raise ConfigError("train.lock_text embeds every caption once before training; it does not take "
                           "data.stream=true (set data.stream=false to load the shards into memory)")
