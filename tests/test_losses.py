@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from vlfm.losses import clip_loss, clip_loss_chunked, siglip_loss, siglip_loss_chunked
+from vlfm.losses import (
+    ClipLoss,
+    SigLipLoss,
+    clip_loss,
+    clip_loss_chunked,
+    make_loss,
+    siglip_loss,
+    siglip_loss_chunked,
+)
 
 
 def features(seed, b=5, d=8):
@@ -128,3 +136,30 @@ def test_chunked_backward_keeps_no_full_similarity_matrix(full, chunked):
 
     assert largest_saved(full) == 64 * 64
     assert largest_saved(chunked) <= max(64 * 8, 64 // 4 * 64)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_make_loss_picks_the_computation(kind):
+    """make_loss builds the run's loss once from its settings; a call is the functional form it chose."""
+    image, text = features(14, b=11), features(15, b=11)
+    scale, bias = torch.tensor(6.0, dtype=torch.float64), torch.tensor(-4.0, dtype=torch.float64)
+    if kind == "clip":
+        loss_class, full, chunked, bias_arg, wrong_bias = ClipLoss, clip_loss, clip_loss_chunked, (), (bias,)
+    else:
+        loss_class, full, chunked, bias_arg, wrong_bias = SigLipLoss, siglip_loss, siglip_loss_chunked, (bias,), ()
+    loss = make_loss(kind, chunk_size=4)  # train.loss_chunk=4 in one process
+    assert loss == loss_class(chunk_size=4) and not loss.across_ranks
+    assert loss(image, text, scale, *bias_arg, keys=KEYS) == chunked(image, text, scale, *bias_arg, KEYS, chunk_size=4)
+    assert make_loss(kind)(image, text, scale, *bias_arg, keys=KEYS) == full(image, text, scale, *bias_arg, keys=KEYS)
+    # train.multi_positive=false: only the diagonal, whatever keys come
+    diagonal = full(image, text, scale, *bias_arg)
+    assert make_loss(kind, multi_positive=False)(image, text, scale, *bias_arg, keys=KEYS) == diagonal
+    assert make_loss(kind, world_size=2).across_ranks and not make_loss(kind, world_size=1).across_ranks
+    with pytest.raises(ValueError, match="logit_bias"):
+        make_loss(kind)(image, text, scale, *wrong_bias)  # CLIP takes no bias, SigLIP needs one
+
+
+def test_make_loss_clip_local_loss_and_kinds():
+    assert make_loss("clip", local_loss=True, world_size=4) == ClipLoss(local_loss=True, across_ranks=True)
+    with pytest.raises(ValueError, match="no contrastive loss for model kind 'lm'"):
+        make_loss("lm")

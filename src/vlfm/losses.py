@@ -10,9 +10,14 @@ many "a red circle"s) the repeats are true positives too: treated as negatives t
 The chunked variants compute the same loss one block of texts at a time and recompute each block in the backward,
 so the loss holds O(B x chunk) memory instead of O(B x B). The distributed variants take each rank's local rows;
 their loss and gradients, averaged over ranks the way DDP averages gradients, equal one process on the global batch.
+
+A run builds its loss once with `make_loss`: a `ClipLoss` or `SigLipLoss` that has chosen full, chunked or
+distributed computation from the run's settings, called as loss(image, text, logit_scale, logit_bias, keys).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -170,6 +175,62 @@ def siglip_loss_distributed(
         total = total + checkpoint(_siglip_block, image, text_block, logit_scale, logit_bias, keys_by_rank[me],
                                    keys_by_rank[(me - step) % world], use_reentrant=False)
     return total / rows
+
+
+# --- the run's loss, its computation chosen once ---------------------------------------------------------------
+@dataclass(frozen=True)
+class ClipLoss:
+    """The CLIP loss over the global batch: gathered from every rank when across_ranks (each rank only its own
+    rows against the global batch with local_loss), in blocks of chunk_size texts when set, else full. Keys (one
+    per pair, e.g. caption ids) mark positives only with multi_positive; otherwise only the diagonal."""
+
+    multi_positive: bool = True
+    chunk_size: int = 0
+    local_loss: bool = False
+    across_ranks: bool = False
+
+    def __call__(self, image, text, logit_scale, logit_bias=None, keys=None) -> torch.Tensor:
+        if logit_bias is not None:
+            raise ValueError("the CLIP loss takes no logit_bias (a SigLIP model's; see make_loss)")
+        keys = keys if self.multi_positive else None
+        if self.across_ranks:
+            return clip_loss_distributed(image, text, logit_scale, keys, self.local_loss, self.chunk_size or None)
+        if self.chunk_size:
+            return clip_loss_chunked(image, text, logit_scale, keys, self.chunk_size)
+        return clip_loss(image, text, logit_scale, keys=keys)
+
+
+@dataclass(frozen=True)
+class SigLipLoss:
+    """The SigLIP loss over the global batch: texts passed around the ranks when across_ranks, in blocks of
+    chunk_size texts when set (one process), else full. Keys as for ClipLoss."""
+
+    multi_positive: bool = True
+    chunk_size: int = 0
+    across_ranks: bool = False
+
+    def __call__(self, image, text, logit_scale, logit_bias=None, keys=None) -> torch.Tensor:
+        if logit_bias is None:
+            raise ValueError("the SigLIP loss needs the model's logit_bias")
+        keys = keys if self.multi_positive else None
+        if self.across_ranks:
+            return siglip_loss_distributed(image, text, logit_scale, logit_bias, keys)
+        if self.chunk_size:
+            return siglip_loss_chunked(image, text, logit_scale, logit_bias, keys, self.chunk_size)
+        return siglip_loss(image, text, logit_scale, logit_bias, keys=keys)
+
+
+def make_loss(kind: str, multi_positive: bool = True, chunk_size: int = 0, local_loss: bool = False,
+              world_size: int | None = None) -> ClipLoss | SigLipLoss:
+    """The loss of a run: kind clip | siglip (model.kind), multi_positive (train.multi_positive), chunk_size
+    (train.loss_chunk, 0: off), local_loss (distributed.local_loss); world_size: torch.distributed's when None
+    (1 when it is not initialised). Above one rank the loss spans every rank's rows."""
+    across_ranks = (distributed.world_size() if world_size is None else world_size) > 1
+    if kind == "clip":
+        return ClipLoss(multi_positive, chunk_size, local_loss, across_ranks)
+    if kind == "siglip":
+        return SigLipLoss(multi_positive, chunk_size, across_ranks)
+    raise ValueError(f"no contrastive loss for model kind {kind!r} (clip | siglip)")
 
 
 # --- positives -----------------------------------------------------------------------------------------------

@@ -26,14 +26,7 @@ from vlfm.data.transforms import Preprocess, to_uint8_tensor
 from vlfm.data.world_text import captions
 from vlfm.eval.world import WorldBenchmark
 from vlfm.io import load_state_strict
-from vlfm.losses import (
-    clip_loss,
-    clip_loss_chunked,
-    clip_loss_distributed,
-    siglip_loss,
-    siglip_loss_chunked,
-    siglip_loss_distributed,
-)
+from vlfm.losses import make_loss
 from vlfm.models.two_tower import TwoTowerModel
 from vlfm.train.gradcache import gradcache_step
 from vlfm.train.loop import EpochSampler, autocast_context
@@ -92,6 +85,9 @@ class ContrastiveTask:
             load_state_strict(self.model.text, pretrained.text.state_dict(), f"model.text_init={config.model.text_init}")
         self.model.set_grad_checkpointing(config.train.grad_checkpointing)
         self.train_model = self.model  # the loop replaces it with the DDP wrapper or the sharded model
+        train = config.train
+        self.loss_fn = make_loss(config.model.kind, train.multi_positive, train.loss_chunk,
+                                 config.distributed.local_loss)  # fmt: skip
         if config.train.gradcache:
             self.step_backward = self.gradcache_backward  # the loop then leaves the backward to this task
         self.text_features: torch.Tensor | None = None  # LiT: every caption's features, embedded once
@@ -226,26 +222,13 @@ class ContrastiveTask:
         with autocast_context(self.device, self.config.train.precision):
             return F.normalize(self.model.encode_text(ids, mask).float(), dim=-1)
 
-    def _keys(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor | None:
-        """Caption ids: equal ids are positives of each other (None: only the diagonal)."""
-        return torch.cat([b["caption"] for b in batches]).to(self.device) if self.config.train.multi_positive else None
+    def _keys(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Caption ids: equal ids are positives of each other (with train.multi_positive: see make_loss)."""
+        return torch.cat([b["caption"] for b in batches]).to(self.device)
 
     def contrastive_loss(self, image, text, scale, bias, keys) -> torch.Tensor:
-        """The kind's loss over the global batch: gathered across ranks under torchrun, in blocks of texts with
-        train.loss_chunk, else over the full similarity matrix."""
-        image, text, scale = image.float(), text.float(), scale.float()
-        bias = None if bias is None else bias.float()
-        chunk = self.config.train.loss_chunk or None
-        if distributed.world_size() > 1:
-            if bias is None:
-                return clip_loss_distributed(image, text, scale, keys, local_loss=self.config.distributed.local_loss,
-                                             chunk_size=chunk)
-            return siglip_loss_distributed(image, text, scale, bias, keys)
-        if chunk:
-            if bias is None:
-                return clip_loss_chunked(image, text, scale, keys, chunk_size=chunk)
-            return siglip_loss_chunked(image, text, scale, bias, keys, chunk_size=chunk)
-        return clip_loss(image, text, scale, keys=keys) if bias is None else siglip_loss(image, text, scale, bias, keys=keys)
+        """The run's loss (make_loss: full, chunked or across ranks) in fp32 whatever the autocast."""
+        return self.loss_fn(image.float(), text.float(), scale.float(), None if bias is None else bias.float(), keys)
 
     def _info(self, loss: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> dict[str, float]:
         """Logged values; the loss averaged over ranks (a rank's part of a local or ring loss is not the whole),
