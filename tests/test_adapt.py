@@ -7,7 +7,8 @@ import torch
 from test_datasets_probe import colour_folders
 
 import vlfm
-from vlfm.adapt.finetune import ImageClassifier, load_lora, mix
+from vlfm.adapt.finetune import ImageClassifier, mix
+from vlfm.adapt.lora import load_adapter
 from vlfm.cli import main
 from vlfm.data.datasets import class_folders
 
@@ -49,11 +50,11 @@ def test_lora_trains_few_parameters_and_its_adapter_reloads(trained_run, tmp_pat
     colour_folders(tmp_path / "data", broken=False)
     results = adapt(trained_run, tmp_path / "lora", "--lora-rank", "2")
     assert 0 < results["trainable_fraction"] < 0.2
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "lora" / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter.safetensors"} <= {p.name for p in (tmp_path / "lora" / "adapter").iterdir()}
     merged = vlfm.load(tmp_path / "lora" / "model")
     images = colours.images[:6]
     for merge in (True, False):
-        again = load_lora(vlfm.load(tmp_path / "lora" / "zeroshot"), tmp_path / "lora" / "adapter", merge=merge)
+        again = load_adapter(vlfm.load(tmp_path / "lora" / "zeroshot"), tmp_path / "lora" / "adapter", merge=merge)
         assert torch.allclose(again.logits(images), merged.logits(images), atol=1e-4)
     # the base was really changed by the adapter (not a no-op)
     assert not torch.allclose(vlfm.load(tmp_path / "lora" / "zeroshot").logits(images), merged.logits(images), atol=1e-3)

@@ -43,3 +43,11 @@ def test_wrong_type_and_choice():
         load_config("configs/shapes-clip.yaml", ["data.world.grey_fraction=1.5"])
     with pytest.raises(ConfigError, match="world.grey_colours='pink' is not one of"):
         load_config("configs/shapes-clip.yaml", ["data.world.grey_colours=pink"])
+
+
+def test_a_vlm_run_refuses_the_fields_its_stages_own():
+    """A VLM run's steps, batch size and learning rates are per stage: `train.steps` is not silently ignored."""
+    with pytest.raises(ConfigError, match="unknown config key 'train.steps'"):
+        load_config("configs/shapes-vlm.yaml", ["train.steps=5"])
+    with pytest.raises(ConfigError, match="unknown config key 'train.loss_chunk'"):
+        load_config("configs/shapes-vlm.yaml", ["train.loss_chunk=8"])

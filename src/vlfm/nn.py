@@ -47,14 +47,18 @@ class Attention(nn.Module):
         if causal and mask is not None:
             mask = mask & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
             causal = False
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # bf16 attention's backward was measured ~4x slower than fp32 on CPUs: keep this op in fp32 there.
-            with torch.autocast("cpu", enabled=False):
-                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal)
-            out = out.to(q.dtype)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        out = attention(q, k, v, mask, causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+def attention(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """Scaled dot-product attention; under CPU autocast in fp32, whose backward is much faster there than bf16's
+    (docs/experiments.md §11)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
 class MLP(nn.Module):
@@ -113,10 +117,11 @@ class Transformer(nn.Module):
 
 
 def init_transformer(module: nn.Module, layers: int) -> None:
-    """GPT-2 style init: normal(0.02) everywhere, residual output projections scaled by 1/sqrt(2*layers)."""
+    """GPT-2 style init: normal(0.02) everywhere, residual output projections scaled by 1/sqrt(2*layers), biases 0
+    (the towers and the language model alike)."""
     for name, p in module.named_parameters():
         if p.dim() >= 2 and "embed" not in name.split(".")[-1]:
-            std = 0.02 / math.sqrt(2 * layers) if name.endswith(("out_proj.weight", "fc2.weight")) else 0.02
+            std = 0.02 / math.sqrt(2 * layers) if name.endswith(("out_proj.weight", "fc2.weight", "down_proj.weight")) else 0.02
             nn.init.normal_(p, std=std)
         elif name.endswith("bias") and p.dim() == 1 and "norm" not in name:
             nn.init.zeros_(p)

@@ -1,1 +1,1 @@
-"""Adapting a pretrained model to a labelled task: linear probe (more to come: fine-tuning, LoRA)."""
+"""Adapting a pretrained model to a labelled task: linear probe, full fine-tuning, LoRA, weight-space ensembles."""

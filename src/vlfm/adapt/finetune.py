@@ -13,19 +13,19 @@ import copy
 import dataclasses
 import json
 import logging
-import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlfm.adapt.lora import add_lora, merge_lora, save_adapter
 from vlfm.config import TrainConfig
 from vlfm.data.datasets import LabelledImages
 from vlfm.data.transforms import to_uint8_tensor
 from vlfm.eval.zeroshot import classification_metrics
 from vlfm.models.classifier import ImageClassifier
-from vlfm.train.loop import EpochSampler
+from vlfm.train.loop import EpochSampler, Task
 
 log = logging.getLogger("vlfm")
 # Every Linear of the blocks and the attention-pooling head, and the convolutions of the patch embedding (a
@@ -37,7 +37,7 @@ def accuracy(classifier: ImageClassifier, images, targets: torch.Tensor) -> dict
     return classification_metrics(classifier.logits(images).cpu(), targets, len(classifier.config.classnames))
 
 
-class FineTuneTask:
+class FineTuneTask(Task):
     """Cross-entropy on the train split, deterministic batches (a function of the step), val accuracy."""
 
     def __init__(self, model: nn.Module, data: LabelledImages, split: dict[str, torch.Tensor], config: TrainConfig):
@@ -68,28 +68,6 @@ class FineTuneTask:
     def evaluate(self) -> dict[str, float]:
         logits = self.model.logits(self.val_pixels).cpu()  # a PeftModel passes this through to the classifier
         return {"val_top1": classification_metrics(logits, self.val_targets, logits.shape[1])["top1"]}
-
-
-def add_lora(classifier: ImageClassifier, rank: int = 8, alpha: int = 16, targets: str | list[str] = LORA_TARGETS):
-    """Wrap the image tower's Linears and patch convolutions with LoRA (peft); the head stays fully trainable.
-    Returns a PeftModel."""
-    from peft import LoraConfig, get_peft_model
-
-    convs = [name for name, module in classifier.named_modules() if isinstance(module, nn.Conv2d)]
-    if isinstance(targets, str):  # a regex: keep the names it matches that peft can wrap (Linear and Conv2d)
-        pattern = re.compile(targets)
-        targets = [n for n, m in classifier.named_modules() if pattern.fullmatch(n) and isinstance(m, (nn.Linear, nn.Conv2d))]
-    log.debug("LoRA targets: %d modules (%d convolutions)", len(targets), len(set(targets) & set(convs)))
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, modules_to_save=["head"])
-    return get_peft_model(classifier, config)
-
-
-def load_lora(base: ImageClassifier, adapter_dir: str | Path, merge: bool = True):
-    """An adapter saved by `finetune(..., lora_rank=R)` onto its base classifier; merged by default."""
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
-    return model.merge_and_unload() if merge else model
 
 
 def trainable_fraction(model: nn.Module) -> float:
@@ -129,14 +107,14 @@ def finetune(model, data: LabelledImages, run_dir: str | Path, train: TrainConfi
     zeroshot.save(run_dir / "zeroshot")
     trainee = copy.deepcopy(zeroshot)
     if lora_rank:
-        trainee = add_lora(trainee, lora_rank, lora_alpha)
+        add_lora(trainee, lora_rank, lora_alpha, LORA_TARGETS, trainable=["head."])
     results["trainable_fraction"] = trainable_fraction(trainee)
     log.info("fine-tuning %.2f%% of %d parameters", 100 * results["trainable_fraction"], sum(p.numel() for p in trainee.parameters()))
     task = FineTuneTask(trainee, data, split, dataclasses.replace(train, save_every=0))
     train_loop(task, task.config, run_dir)
     if lora_rank:
-        trainee.save_pretrained(str(run_dir / "adapter"))  # the adapter alone (+ the trained head)
-        trainee = trainee.merge_and_unload()
+        save_adapter(trainee, run_dir / "adapter")  # the adapter alone (+ the trained head)
+        merge_lora(trainee)
     trainee.save(run_dir / "model")
     results["finetuned"] = accuracy(trainee, test_images, test_targets)
     if alphas:

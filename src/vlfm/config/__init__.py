@@ -21,13 +21,20 @@ from vlfm.config.model import (
     VisionConfig,
     VLMConfig,
 )
-from vlfm.config.run import DataConfig, DistributedConfig, RunConfig, TrainConfig
+from vlfm.config.run import (
+    ContrastiveTrainConfig,
+    DataConfig,
+    DistributedConfig,
+    RunConfig,
+    TrainConfig,
+    TrainSettings,
+)
 from vlfm.config.vlm import StageConfig, VLMDataConfig, VLMRunConfig
 from vlfm.io import ConfigError
 
 __all__ = [
-    "ACTIVATIONS", "ClassifierConfig", "ConfigError", "DataConfig", "DistributedConfig", "LMConfig", "ModelConfig",
-    "RunConfig", "StageConfig", "TextConfig", "TrainConfig", "VLMConfig", "VLMDataConfig", "VLMRunConfig",
+    "ACTIVATIONS", "ClassifierConfig", "ConfigError", "ContrastiveTrainConfig", "DataConfig", "DistributedConfig", "LMConfig", "ModelConfig",
+    "RunConfig", "StageConfig", "TextConfig", "TrainConfig", "TrainSettings", "VLMConfig", "VLMDataConfig", "VLMRunConfig",
     "VisionConfig", "apply_overrides", "from_dict", "load_config", "to_dict",
 ]  # fmt: skip
 

@@ -39,36 +39,54 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 256
+class TrainSettings:
+    """How any run trains, whatever its length: optimiser, precision, logging, seed, device. A VLM run's `train`
+    section is this; its steps, batch size and learning rates are per stage (config/vlm.py)."""
+
     grad_accum: int = 1
-    lr: float = 1e-3
     min_lr_ratio: float = 0.0
-    warmup_steps: int = 100
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     clip_grad: float = 1.0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a grad scaler; GPU only)
-    logit_lr_mult: float = 1.0  # learning-rate multiplier for logit_scale / logit_bias
     eval_every: int = 250
     save_every: int = 250
     log_every: int = 10
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads; 0 = torch's default
-    multi_positive: bool = True  # identical captions in a batch are positives of each other
-    grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
-    lock_text: bool = False  # LiT: the text tower (from model.text_init) stays frozen; only the image side learns
-    loss_chunk: int = 0  # > 0: the contrastive loss over blocks of this many texts (O(B x chunk) memory); 0: full matrix
-    gradcache: bool = False  # contrastive: grad_accum micro-batches share one loss over the whole batch (GradCache)
+    grad_checkpointing: bool = False  # recompute block activations in backward: less memory, slower
 
     def __post_init__(self):
         check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class TrainConfig(TrainSettings):
+    """One run of the training loop (train/loop.py): the settings plus its length, batch and learning rate."""
+
+    steps: int = 1000
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup_steps: int = 100
+
+
+@dataclass
+class ContrastiveTrainConfig(TrainConfig):
+    """A contrastive run's `train` section: the loop's fields and the contrastive loss's."""
+
+    logit_lr_mult: float = 1.0  # learning-rate multiplier for logit_scale / logit_bias
+    multi_positive: bool = True  # identical captions in a batch are positives of each other
+    lock_text: bool = False  # LiT: the text tower (from model.text_init) stays frozen; only the image side learns
+    loss_chunk: int = 0  # > 0: the contrastive loss over blocks of this many texts (O(B x chunk) memory); 0: full matrix
+    gradcache: bool = False  # grad_accum micro-batches share one loss over the whole batch (GradCache)
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.gradcache and self.precision == "fp16":
             raise ConfigError("train.gradcache=true does not take fp16's grad scaler; use bf16 or fp32")
-        self.betas = tuple(self.betas)
 
 
 @dataclass
@@ -89,7 +107,7 @@ class RunConfig:
     output_dir: str = "runs"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: ContrastiveTrainConfig = field(default_factory=ContrastiveTrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property

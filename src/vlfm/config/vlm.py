@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlfm.config.model import VLMConfig
-from vlfm.config.run import TrainConfig
+from vlfm.config.run import TrainSettings
 from vlfm.data.shapes import WorldConfig
 from vlfm.data.world_text import KINDS
 from vlfm.io import ConfigError
@@ -31,7 +31,7 @@ class StageConfig:
     # stage 2 on the world: focus_steps steps from step focus_start (null: right after the curriculum) that ask
     # only questions of focus_kinds (as the VQA benchmark names them: relation, existence, ...), each alone; the
     # configured world's conversations before and after. Relations stay at chance among all the other questions
-    # and are learnt in ~150 steps of their own, once the rest is (README: the assistant's runs).
+    # and are learnt in steps of their own, once the rest is (docs/experiments.md §10).
     focus_steps: int = 0
     focus_start: int | None = None
     focus_kinds: list[str] = field(default_factory=lambda: ["relation"])
@@ -65,7 +65,7 @@ class VLMDataConfig:
     single_questions: bool = True  # stage 2 on the world: every question also alone, besides the multi-turn ones
     count_questions: int | None = 3  # the world (stages 0 and 2): "how many" questions per scene at most (null: all)
     # A batch's sequences sorted by length and run in this many pieces, each padded only to its own longest:
-    # the same loss and gradients with less padding (the world's stage 2 wastes ~40% on it in one piece).
+    # the same loss and gradients with less padding (docs/experiments.md §10).
     length_buckets: int = 1
     world: WorldConfig = field(default_factory=WorldConfig)
     workers: int = 2
@@ -81,7 +81,7 @@ class VLMRunConfig:
     output_dir: str = "runs"
     model: VLMConfig = field(default_factory=VLMConfig)
     data: VLMDataConfig = field(default_factory=VLMDataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
     stage0: StageConfig = field(default_factory=lambda: StageConfig(steps=1000, lr=1e-3))
     stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=300, lr=1e-3))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=1000, lr=2e-4))

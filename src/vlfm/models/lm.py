@@ -1,15 +1,13 @@
 """A Llama-style decoder language model: token embedding -> pre-norm blocks (RMSNorm, RoPE, grouped-query
 attention, SwiGLU MLP) -> RMSNorm -> output head (tied to the embedding or its own). The arithmetic follows
 Hugging Face's Llama / Qwen2 (rotate-half RoPE, RMSNorm in fp32), so their weights give the same logits
-(key maps: convert_lm.py).
+(key maps: interop/hf_lm.py).
 
 Batches are left-padded: the attention mask (B, L_total) covers cached and new tokens, and positions count real
 tokens only, so a padded row sees exactly what it would see alone. `generate` decodes with a KV cache.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +17,7 @@ from torch import nn
 from vlfm.config import LMConfig
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.models.base import SavedModel, register
+from vlfm.nn import attention, init_transformer
 
 
 class KVCache:
@@ -69,15 +68,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     first, second = x.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
     return x * cos[:, None] + rotated * sin[:, None]
-
-
-def attention(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        # bf16 attention's backward was measured ~4x slower than fp32 on CPUs: keep this op in fp32 there.
-        with torch.autocast("cpu", enabled=False):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal)
-        return out.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
 class GroupedQueryAttention(nn.Module):
@@ -153,16 +143,7 @@ class LanguageModel(SavedModel, nn.Module):
         # Tied: no module of its own, so the state dict holds the matrix once (safetensors refuses shared tensors).
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.width, c.vocab_size, bias=False)
         self.grad_checkpointing = False  # recompute each block in backward (training only): less memory
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        """normal(0.02); residual output projections scaled by 1/sqrt(2*layers) (GPT-2); biases 0; norms 1."""
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                residual = name.endswith(("out_proj.weight", "down_proj.weight"))
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.config.layers) if residual else 0.02)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
+        init_transformer(self, c.layers)
 
     @property
     def output_weight(self) -> torch.Tensor:

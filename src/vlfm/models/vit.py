@@ -12,8 +12,7 @@ from vlfm.nn import MLP, Attention, Transformer, init_transformer, mlp_width
 class ConvStem(nn.Module):
     """Stride-2 3x3 convolutions down to the patch grid, then a 1x1 projection to the width.
 
-    Measured on the built-in world: it roughly doubles zero-shot accuracy on shapes at ~5% throughput cost
-    (a single strided conv has to learn edges and shapes from scratch in one linear map)."""
+    A single strided conv has to learn edges and shapes in one linear map (docs/experiments.md §1.2)."""
 
     def __init__(self, patch_size: int, width: int):
         super().__init__()

@@ -29,7 +29,7 @@ from vlfm.io import load_state_strict
 from vlfm.losses import make_loss
 from vlfm.models.two_tower import TwoTowerModel
 from vlfm.train.gradcache import gradcache_step
-from vlfm.train.loop import EpochSampler, autocast_context
+from vlfm.train.loop import EpochSampler, Task, autocast_context
 
 log = logging.getLogger("vlfm")
 
@@ -48,7 +48,7 @@ def load_training_data(config: RunConfig, preprocess: Preprocess) -> ImageTextDa
     return load_image_text(rows, preprocess)
 
 
-class ContrastiveTask:
+class ContrastiveTask(Task):
     def __init__(self, config: RunConfig, device: torch.device, tokenizer: Tokenizer | None = None):
         check_parallel_config(config)
         self.config = config
@@ -85,11 +85,10 @@ class ContrastiveTask:
             load_state_strict(self.model.text, pretrained.text.state_dict(), f"model.text_init={config.model.text_init}")
         self.model.set_grad_checkpointing(config.train.grad_checkpointing)
         self.train_model = self.model  # the loop replaces it with the DDP wrapper or the sharded model
+        self.lr_mults = {"logit_": config.train.logit_lr_mult}  # the temperature (and bias) may learn faster
         train = config.train
         self.loss_fn = make_loss(config.model.kind, train.multi_positive, train.loss_chunk,
                                  config.distributed.local_loss)  # fmt: skip
-        if config.train.gradcache:
-            self.step_backward = self.gradcache_backward  # the loop then leaves the backward to this task
         self.text_features: torch.Tensor | None = None  # LiT: every caption's features, embedded once
         self.benchmark = None
         if config.data.source == "shapes" and (config.data.classify_size or config.data.eval_size):
@@ -194,6 +193,11 @@ class ContrastiveTask:
                                                         batch["attention_mask"].to(self.device))
         loss = self.contrastive_loss(image, text, scale, bias, self._keys([batch]))
         return loss, self._info(loss, scale, bias)
+
+    def backward(self, step: int, config, device: torch.device, scaler) -> dict[str, float]:
+        if not self.config.train.gradcache:
+            return super().backward(step, config, device, scaler)
+        return self.gradcache_backward(step)
 
     def gradcache_backward(self, step: int) -> dict[str, float]:
         """One optimizer step's gradients over all grad_accum micro-batches as one batch (GradCache): the loss

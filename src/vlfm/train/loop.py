@@ -19,7 +19,7 @@ import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,24 +35,50 @@ from vlfm.io import ConfigError, load_state_strict
 log = logging.getLogger("vlfm")
 
 
-class Task(Protocol):
-    """What the loop trains. Optional: `lr_mults` (see parameter_groups), `train_model` (set by the loop: the
-    module a step runs, DDP's wrapper under torchrun) and `step_backward(step) -> info`, which a task that runs
-    its own backward for a whole step (GradCache) defines instead of the loop's per-micro-batch loss/backward.
-    `data_state() -> dict | None` (called on every rank at each checkpoint; rank 0's answer is saved) and
-    `load_data_state(state | None)` (on resume, every rank) carry a data position that is not the step."""
+class Task:
+    """What the loop trains; a task subclasses this and defines `batch`, `loss` and `batch_size`.
+
+    `train_model` is set by the loop (the module a step runs: DDP's wrapper under torchrun). `lr_mults` maps a
+    parameter-name prefix to a learning-rate multiplier (parameter_groups). A task that runs its own backward
+    for a whole step (GradCache) overrides `backward`. `data_state()` (called on every rank at each checkpoint;
+    rank 0's answer is saved) and `load_data_state(state)` (on resume, every rank) carry a data position that is
+    not the step."""
 
     model: nn.Module
+    train_model: nn.Module
+    lr_mults: dict[str, float] | None = None
 
-    def batch(self, step: int, micro: int) -> Any: ...
+    def batch(self, step: int, micro: int) -> Any:
+        raise NotImplementedError
 
-    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
 
-    def after_step(self) -> None: ...
+    def batch_size(self) -> int:
+        raise NotImplementedError
 
-    def evaluate(self) -> dict[str, float]: ...
+    def backward(self, step: int, config: TrainConfig, device: torch.device, scaler) -> dict[str, float]:
+        """Backward of each micro-batch's loss / grad_accum: gradients add up to the step's mean."""
+        info: dict[str, float] = {}
+        for micro in range(config.grad_accum):
+            batch = self.batch(step, micro)
+            with autocast_context(device, config.precision):
+                loss, info = self.loss(batch)
+            loss = loss / config.grad_accum
+            (scaler.scale(loss) if scaler else loss).backward()
+        return info
 
-    def batch_size(self) -> int: ...
+    def after_step(self) -> None:
+        pass
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def data_state(self) -> dict | None:
+        return None
+
+    def load_data_state(self, state: dict | None) -> None:
+        pass
 
 
 class EpochSampler:
@@ -97,20 +123,16 @@ NO_DECAY_NAMES = ("embed", "logit_", "probe", "norm", "bn", "bias")
 
 
 def parameter_groups(model: nn.Module, config: TrainConfig, lr_mults: dict[str, float] | None = None) -> list[dict[str, Any]]:
-    """Weight decay on matrices only: not on norms, biases, embeddings, or the logit scale/bias, which also
-    get their own learning-rate multiplier (small batches need the temperature to move faster).
+    """Weight decay on matrices only: not on norms, biases, embeddings, or the logit scale/bias.
     `lr_mults`: name prefix -> learning-rate multiplier (a VLM's LM and vision tower learn slower than its
-    projector); the first matching prefix wins."""
+    projector; a contrastive model's logit scale and bias may learn faster); the first matching prefix wins."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if name.startswith("logit_"):
-            key = (0.0, config.logit_lr_mult)
-        else:
-            mult = next((m for prefix, m in (lr_mults or {}).items() if name.startswith(prefix)), 1.0)
-            no_decay = param.dim() < 2 or any(part in name for part in NO_DECAY_NAMES)
-            key = (0.0 if no_decay else config.weight_decay, mult)
+        mult = next((m for prefix, m in (lr_mults or {}).items() if name.startswith(prefix)), 1.0)
+        no_decay = param.dim() < 2 or any(part in name for part in NO_DECAY_NAMES)
+        key = (0.0 if no_decay else config.weight_decay, mult)
         groups.setdefault(key, []).append(param)
     return [{"params": params, "weight_decay": decay, "lr_mult": mult} for (decay, mult), params in groups.items()]
 
@@ -139,43 +161,68 @@ def train(task: Task, config: TrainConfig, run_dir: Path, resume: bool = False, 
     FSDP-sharded model) and saves `task.model`."""
     strategy = parallel.strategy if parallel is not None and distributed.is_distributed() else None
     run_dir.mkdir(parents=True, exist_ok=True)
-    main = distributed.rank() == 0
-    device = next(task.model.parameters()).device
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        log.info("no checkpoint in %s: starting from scratch", run_dir)
-    if checkpoint is not None and strategy == "fsdp":  # full weights go in before sharding; the optimizer after
-        load_state_strict(task.model, load_file(str(checkpoint / "model.safetensors")), str(checkpoint))
-    task.train_model = distributed.wrap_model(task.model, strategy, config.precision)
-    groups = parameter_groups(task.model, config, getattr(task, "lr_mults", None))
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
-    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
-    step, history = 0, {"train": [], "eval": []}
-    if checkpoint is not None:
-        state = load_checkpoint(task.model, checkpoint, optimizer, sharded=strategy == "fsdp")
-        step, history = state["step"], state["history"]
-        if hasattr(task, "load_data_state"):
+    run = _Run(task, config, run_dir, strategy)
+    run.start(latest_checkpoint(run_dir) if resume else None, resume)
+    end = run.end = config.steps if stop_after is None else min(config.steps, stop_after)
+    while run.step < end:
+        run.train_step()
+        is_last = run.step == config.steps
+        # Sharded parameters need every rank in the evaluation's forward passes; whole replicas need only rank 0.
+        if ((config.eval_every and run.step % config.eval_every == 0) or is_last) and (run.main or strategy == "fsdp"):
+            run.evaluate()
+        if (config.save_every and run.step % config.save_every == 0) or run.step == end:
+            run.save_checkpoint()
+    run.close()
+    if run.step == config.steps:
+        model, _ = distributed.full_state(task.model, None, sharded=strategy == "fsdp")
+        if run.main:
+            model.save(run_dir / "model")
+        if strategy is not None:
+            dist.barrier()
+    return {"history": run.history, "last_eval": run.last_eval, "step": run.step}
+
+
+class _Run:
+    """The state of one training run: optimizer, step, history, the metrics file and the progress bar."""
+
+    def __init__(self, task: Task, config: TrainConfig, run_dir: Path, strategy: str | None):
+        self.task, self.config, self.run_dir, self.strategy = task, config, run_dir, strategy
+        self.main = distributed.rank() == 0
+        self.device = next(task.model.parameters()).device
+        self.step, self.history, self.last_eval = 0, {"train": [], "eval": []}, {}
+
+    def start(self, checkpoint: Path | None, resume: bool) -> None:
+        task, config = self.task, self.config
+        if resume and checkpoint is None:
+            log.info("no checkpoint in %s: starting from scratch", self.run_dir)
+        if checkpoint is not None and self.strategy == "fsdp":  # full weights go in before sharding; the optimizer after
+            load_state_strict(task.model, load_file(str(checkpoint / "model.safetensors")), str(checkpoint))
+        task.train_model = distributed.wrap_model(task.model, self.strategy, config.precision)
+        groups = parameter_groups(task.model, config, task.lr_mults)
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+        self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+        if checkpoint is not None:
+            state = load_checkpoint(task.model, checkpoint, self.optimizer, sharded=self.strategy == "fsdp")
+            self.step, self.history = state["step"], state["history"]
             task.load_data_state(state.get("data"))
-        log.info("resumed from %s at step %d", checkpoint, step)
-    metrics_file = (run_dir / "metrics.jsonl").open("a") if main else None
-    last_eval: dict = history["eval"][-1] if history["eval"] else {}
-    task.model.train()
-    bar = tqdm(total=config.steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0, disable=not main)
-    tick, samples = time.perf_counter(), 0
-    end = config.steps if stop_after is None else min(config.steps, stop_after)
-    step_backward = getattr(task, "step_backward", None)  # a task that runs its own backward (GradCache)
-    while step < end:
-        factor = lr_factor(step, config)
+            log.info("resumed from %s at step %d", checkpoint, self.step)
+        self.metrics_file = (self.run_dir / "metrics.jsonl").open("a") if self.main else None
+        self.last_eval = self.history["eval"][-1] if self.history["eval"] else {}
+        task.model.train()
+        self.bar = tqdm(total=config.steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=1.0,
+                        disable=not self.main)  # fmt: skip
+        self.tick, self.samples = time.perf_counter(), 0
+
+    def train_step(self) -> None:
+        task, config, optimizer, scaler = self.task, self.config, self.optimizer, self.scaler
+        factor = lr_factor(self.step, config)
         for group in optimizer.param_groups:
             group["lr"] = config.lr * factor * group["lr_mult"]
         optimizer.zero_grad(set_to_none=True)
-        if step_backward is not None:
-            info = step_backward(step)
-        else:
-            info = accumulate_gradients(task, step, config, device, scaler)
-        if strategy == "fsdp":
+        info = task.backward(self.step, config, self.device, scaler)
+        if self.strategy == "fsdp":
             distributed.average_gradients(task.model, replicated_only=True)
-        samples += config.grad_accum * task.batch_size()
+        self.samples += config.grad_accum * task.batch_size()
         if scaler:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(task.model.parameters(), config.clip_grad or float("inf"))
@@ -185,59 +232,48 @@ def train(task: Task, config: TrainConfig, run_dir: Path, resume: bool = False, 
         else:
             optimizer.step()
         task.after_step()
-        step += 1
-        if main and (step % config.log_every == 0 or step == end):
-            elapsed = time.perf_counter() - tick
-            record = {"step": step, "samples_seen": step * config.grad_accum * task.batch_size(), "lr": config.lr * factor, "grad_norm": float(_full(grad_norm)),
-                      "samples_per_s": samples / max(elapsed, 1e-9), **info}
-            tick, samples = time.perf_counter(), 0
-            history["train"].append(record)
-            write_record(metrics_file, record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}", sps=f"{record['samples_per_s']:.0f}")
-        bar.update(1)
-        is_last = step == config.steps
-        # Sharded parameters need every rank in the evaluation's forward passes; whole replicas need only rank 0.
-        if ((config.eval_every and step % config.eval_every == 0) or is_last) and (main or strategy == "fsdp"):
-            metrics = task.evaluate()
-            task.model.train()
-            if metrics and main:
-                last_eval = {"step": step, **metrics}
-                history["eval"].append(last_eval)
-                write_record(metrics_file, last_eval)
-                bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items()))
-            tick = time.perf_counter()  # evaluation time is not training throughput
-        if (config.save_every and step % config.save_every == 0) or step == end:
-            model, optimizer_state = distributed.full_state(task.model, optimizer, sharded=strategy == "fsdp")
-            data = task.data_state() if hasattr(task, "data_state") else None  # every rank: a stream gathers
-            if main:
-                save_training_checkpoint(model, run_dir / "checkpoints" / f"step_{step:08d}", optimizer_state,
-                                         {"step": step, "samples_seen": step * config.grad_accum * task.batch_size(),
-                                          "history": history, **({"data": data} if data is not None else {})})
-                prune_checkpoints(run_dir / "checkpoints", keep=2)
-            if strategy is not None:
-                dist.barrier()  # no rank reads or resumes a checkpoint before rank 0 has renamed it into place
-    bar.close()
-    if metrics_file is not None:
-        metrics_file.close()
-    if step == config.steps:
-        model, _ = distributed.full_state(task.model, None, sharded=strategy == "fsdp")
-        if main:
-            model.save(run_dir / "model")
-        if strategy is not None:
-            dist.barrier()
-    return {"history": history, "last_eval": last_eval, "step": step}
+        self.step += 1
+        if self.main and (self.step % config.log_every == 0 or self.step == self.end):
+            self._log(factor, grad_norm, info)
+        self.bar.update(1)
 
+    def _log(self, factor: float, grad_norm: torch.Tensor, info: dict[str, float]) -> None:
+        config = self.config
+        elapsed = time.perf_counter() - self.tick
+        record = {"step": self.step, "samples_seen": self.step * config.grad_accum * self.task.batch_size(),
+                  "lr": config.lr * factor, "grad_norm": float(_full(grad_norm)),
+                  "samples_per_s": self.samples / max(elapsed, 1e-9), **info}  # fmt: skip
+        self.tick, self.samples = time.perf_counter(), 0
+        self.history["train"].append(record)
+        write_record(self.metrics_file, record)
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.1e}", sps=f"{record['samples_per_s']:.0f}")
 
-def accumulate_gradients(task: Task, step: int, config: TrainConfig, device: torch.device, scaler) -> dict[str, float]:
-    """Backward of each micro-batch's loss / grad_accum: gradients add up to the step's mean."""
-    info: dict[str, float] = {}
-    for micro in range(config.grad_accum):
-        batch = task.batch(step, micro)
-        with autocast_context(device, config.precision):
-            loss, info = task.loss(batch)
-        loss = loss / config.grad_accum
-        (scaler.scale(loss) if scaler else loss).backward()
-    return info
+    def evaluate(self) -> None:
+        metrics = self.task.evaluate()
+        self.task.model.train()
+        if metrics and self.main:
+            self.last_eval = {"step": self.step, **metrics}
+            self.history["eval"].append(self.last_eval)
+            write_record(self.metrics_file, self.last_eval)
+            self.bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.last_eval.items()))
+        self.tick = time.perf_counter()  # evaluation time is not training throughput
+
+    def save_checkpoint(self) -> None:
+        task, step = self.task, self.step
+        model, optimizer_state = distributed.full_state(task.model, self.optimizer, sharded=self.strategy == "fsdp")
+        data = task.data_state()  # every rank: a stream gathers
+        if self.main:
+            save_training_checkpoint(model, self.run_dir / "checkpoints" / f"step_{step:08d}", optimizer_state,
+                                     {"step": step, "samples_seen": step * self.config.grad_accum * task.batch_size(),
+                                      "history": self.history, **({"data": data} if data is not None else {})})
+            prune_checkpoints(self.run_dir / "checkpoints", keep=2)
+        if self.strategy is not None:
+            dist.barrier()  # no rank reads or resumes a checkpoint before rank 0 has renamed it into place
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics_file is not None:
+            self.metrics_file.close()
 
 
 def load_checkpoint(model: nn.Module, directory: Path, optimizer: torch.optim.Optimizer, sharded: bool) -> dict:

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vlfm.adapt.lora import add_lora, merge_lora, save_adapter
 from vlfm.checkpoint import latest_checkpoint
-from vlfm.config import ConfigError, StageConfig, VLMRunConfig
+from vlfm.config import ConfigError, StageConfig, TrainConfig, VLMRunConfig
 from vlfm.data.chat import (
     CAPTION_REQUESTS,
     IMAGE_TOKEN,
@@ -40,8 +41,7 @@ from vlfm.data.world_text import captions
 from vlfm.eval.vqa import VQASet, vqa_accuracy
 from vlfm.io import decode_image, load_state_strict
 from vlfm.models.vlm import VisionLanguageModel
-from vlfm.train.loop import EpochSampler
-from vlfm.train.lora import add_lora, merge_lora, save_adapter
+from vlfm.train.loop import EpochSampler, Task
 
 log = logging.getLogger("vlfm")
 IGNORE = -100
@@ -208,7 +208,7 @@ def llava_pairs(path: str, image_root: str | None, preprocess: Preprocess):
 
 
 # --- the task -------------------------------------------------------------------------------------------
-class VLMTask:
+class VLMTask(Task):
     def __init__(self, model: VisionLanguageModel, stage: int, examples: Examples, config: VLMRunConfig,
                  evaluate=None):  # fmt: skip
         self.model, self.stage, self.examples = model, stage, examples
@@ -293,7 +293,7 @@ def next_token_loss(model: VisionLanguageModel, ids: torch.Tensor, labels: torch
 
 def stage_train_config(config: VLMRunConfig, stage: int):
     s: StageConfig = getattr(config, f"stage{stage}")
-    return dataclasses.replace(config.train, steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps)
+    return TrainConfig(**vars(config.train), steps=s.steps, batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps)
 
 
 def set_trainable(model: VisionLanguageModel, stage: int, s: StageConfig) -> dict[str, float]:
@@ -307,7 +307,7 @@ def set_trainable(model: VisionLanguageModel, stage: int, s: StageConfig) -> dic
         model.image_pos.requires_grad_(True)
     if stage == 2:
         if s.lora_rank:
-            add_lora(model, s)
+            add_lora(model.lm, s.lora_rank, s.lora_alpha, s.lora_targets)
         else:
             model.lm.requires_grad_(True)
         if s.vision_lr > 0:
@@ -355,9 +355,9 @@ def run_vlm(config: VLMRunConfig, device: torch.device, resume: bool = False, st
         result = train(task, task.config, stage_dir, resume=resume, stop_after=stop_after)
         if result["step"] < stage_config.steps:
             return {}
-        if getattr(model, "lora", None):
-            save_adapter(model, stage_dir / "adapter")
-            merge_lora(model)
+        if getattr(model.lm, "lora", None):
+            save_adapter(model.lm, stage_dir / "adapter")
+            merge_lora(model.lm)
             model.save(stage_dir / "model")
     model.requires_grad_(False)
     model.save(run_dir / "model")
