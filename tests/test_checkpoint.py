@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,3 +60,17 @@ def test_atomic_directory_keeps_old_contents_on_failure(tmp_path):
             raise RuntimeError("crash while writing")
     assert (target / "a.txt").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left behind
+
+
+def test_checkpoint_written_before_the_layered_layout_still_loads():
+    """tests/data/checkpoint-v1 was saved by the code of 1cd17d9 (before models registered their architectures),
+    with the embeddings it gave for fixed inputs."""
+    from safetensors.torch import load_file
+
+    data = Path(__file__).parent / "data"
+    model = vlfm.load(data / "checkpoint-v1")
+    expected = load_file(str(data / "checkpoint-v1-expected.safetensors"))
+    image = model.embed_images(model.preprocess_config.normalize(expected["pixels"]))
+    torch.testing.assert_close(image, expected["image_embeddings"], rtol=1e-5, atol=1e-6)
+    text = model.embed_texts(["a red circle", "a blue square"])
+    torch.testing.assert_close(text, expected["text_embeddings"], rtol=1e-5, atol=1e-6)

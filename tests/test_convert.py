@@ -219,7 +219,7 @@ def test_zero_shot_matches_transformers_tokenizer_and_processor(tmp_path):
 
 
 def hf_to_open_clip(hf: dict) -> dict:
-    """open_clip's ViT CLIP layout, written out here from transformers' CLIP (independently of vlfm.convert):
+    """open_clip's ViT CLIP layout, written out here from transformers' CLIP (independently of vlfm.interop):
     fused attention in_proj, `x @ proj` projections, ln_pre / ln_post / ln_final, resblocks with c_fc / c_proj."""
     out = {"logit_scale": hf["logit_scale"], "attn_mask": torch.zeros(16, 16)}
     for tower, prefix in (("vision_model", "visual.transformer"), ("text_model", "transformer")):

@@ -286,3 +286,18 @@ def test_bf16_autocast_on_cpu_stays_close_to_fp32():
     real = mask.bool()
     assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
     assert (half.float()[real] - full[real]).abs().max() < 0.1 * full[real].abs().max()
+
+
+def test_cli_convert_to_hf_reaches_the_language_model_exporter(pair, tmp_path, capsys):
+    from vlfm.cli import main
+
+    _, ours, _ = pair
+    model = randomize(LanguageModel(ours.config), seed=3)
+    model.save(tmp_path / "ours")
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids, mask = left_padded([5, 3], seed=4)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask)
+    real = mask.bool()
+    assert (got[real] - hf_logits(theirs, ids, mask)[real]).abs().max() <= TOL

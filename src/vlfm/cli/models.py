@@ -181,10 +181,11 @@ def info_command(args) -> None:
 
 
 def add_convert(p) -> None:
-    p.add_argument("checkpoint", help="vlfm run or checkpoint, Hugging Face CLIP/SigLIP/BERT directory, or open_clip weights")
+    p.add_argument("checkpoint", help="vlfm run or checkpoint, Hugging Face CLIP/SigLIP/BERT/LLaVA/Llama/Qwen2 directory, or open_clip weights")
     p.add_argument("out", help="output directory (written atomically)")
     p.add_argument("--to", choices=("hf", "vlfm"), required=True,
-                   help="hf: a directory transformers' CLIPModel / SiglipModel loads; vlfm: vlfm's own format")
+                   help="hf: a directory transformers loads (CLIPModel / SiglipModel, LlamaForCausalLM / Qwen2ForCausalLM); "
+                        "vlfm: vlfm's own format")
     p.add_argument("--config", help="open_clip only: the model-config JSON (e.g. ViT-B-32.json) if not beside the weights")
 
 

@@ -26,8 +26,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 SIZES: tuple[str, ...] = ("small", "big")
-# Object extent (largest side) as a fraction of the image, from pixels at 64 px. Smaller objects (7-9 px)
-# were measured to be too hard to recognise, so do not shrink these.
+# Object extent (largest side) as a fraction of the image, from pixels at 64 px; smaller objects are too hard to
+# recognise at this resolution (docs/experiments.md §1.2).
 SIZE_EXTENT: dict[str, tuple[float, float]] = {"small": (12 / 64, 15 / 64), "big": (22 / 64, 28 / 64)}
 SPLITS: tuple[str, ...] = ("train", "val", "heldout", "single")
 GREY_COLOURS: tuple[str, ...] = ("grey", "off_palette")  # the values of WorldConfig.grey_colours
@@ -67,12 +67,12 @@ class WorldConfig:
     seed: int = 0
     # Fraction of training scenes rendered in grey with colour-free captions ("a circle left of a star").
     # Without them the image tower learns colour-specific shape detectors and misreads the shape of a
-    # held-out combination (measured: 7% shape accuracy on held-out "green square"-type images).
+    # held-out combination (docs/experiments.md §1.2).
     grey_fraction: float = 0.0
     # How a grey scene's objects are drawn. "grey": each at a random grey level, the picture greyscale.
     # "off_palette": each in a random colour far from every named colour (pink, teal, lime, greys, ...; never
     # one the captions could name). Shapes then come in many more colours than the six, and the tower's shape
-    # detectors stop depending on the colour (measured: README, docs/architecture.md).
+    # detectors stop depending on the colour (docs/experiments.md §2).
     grey_colours: str = "grey"
     # Fraction of train and val scenes that show one rendered digit glyph instead of shapes (data/glyphs.py):
     # captions such as "the digit 7", for zero-shot digit recognition on real handwriting.
@@ -265,8 +265,8 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, rx: float
 
 def _grey_level(rng: np.random.Generator, background: float) -> int:
     """A grey scene's object intensity: uniform over what contrasts with the background, whatever the object's
-    colour. Converting the colour render instead keeps each colour's luminance (blue ~62 ... yellow ~202), a
-    colour cue the tower could learn shapes by."""
+    colour. Converting the colour render instead would keep each colour's luminance, a colour cue the tower could
+    learn shapes by."""
     lo, hi = max(0.0, background - 45), min(255.0, background + 45)  # too close to the background
     level = rng.uniform(0, 255 - (hi - lo))
     return int(level if level < lo else level + (hi - lo))

@@ -258,7 +258,7 @@ def llava_layout(keys) -> dict[str, str]:
 
 
 def hf_llava_map(config: VLMConfig, layout: dict[str, str]) -> list[Rule]:
-    """VisionLanguageModel <-> LLaVA keys. The vision tower is the vision half of convert.py's CLIP / SigLIP map,
+    """VisionLanguageModel <-> LLaVA keys. The vision tower is the vision half of hf_clip.py's CLIP / SigLIP map,
     all of it: blocks after the feature layer and the final norm are loaded too, as our tower keeps them."""
     v = config.vision
     two_tower = ModelConfig(kind="clip" if v.class_token else "siglip", embed_dim=v.width, vision=v)

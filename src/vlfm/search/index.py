@@ -203,7 +203,7 @@ def _new_faiss(info: dict[str, str]):
         quantizer = faiss.IndexFlatIP(dim)
         ivfpq = faiss.IndexIVFPQ(quantizer, dim, int(info["nlist"]), int(info["pq_m"]), 8, faiss.METRIC_INNER_PRODUCT)
         inner = faiss.IndexRefineFlat(ivfpq)  # product codes find candidates; exact vectors re-rank them
-        inner.k_factor = 10  # bench/search.py: recall@10 0.95 at nprobe 8 on 100k vectors (k_factor 4: 0.88)
+        inner.k_factor = 10  # re-rank 10x the hits asked for (bench/search.py; docs/experiments.md §9)
     return faiss.IndexIDMap2(inner)
 
 
