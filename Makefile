@@ -6,8 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN_NAME := demo-$(shell date +%Y%m%d-%H%M%S)
 TOWER_STEPS ?= 1800
-# the assistant's tower keeps the grey colour-free scenes its stages were tuned on: on a tower trained with the LiT
-# preset's off-palette scenes, relation questions fell to 0.54 (one run; 0.72-0.81 in four runs with grey scenes)
+# the assistant's tower keeps the grey colour-free scenes its stages were tuned on (docs/experiments.md, 10.1)
 TOWER_WORLD := -o data.world.grey_fraction=0.3 -o data.world.grey_colours=grey
 
 .PHONY: setup demo demo-siglip demo-vlm test test-all bench bench-vlm parity-open-clip lint clean
@@ -45,7 +44,7 @@ test-all: setup  ## everything, including the full preset trainings (~20 minutes
 	$(BIN)/python -m pytest -q -m ""
 
 # open_clip needs torchvision, which does not import beside torch 2.13.0, so the bench gets its own venv with a
-# torch/torchvision pair that does (a CUDA build, ~5.5 GB, fine on the CPU; pip takes it from local disk here).
+# torch/torchvision pair that does (a CUDA build, fine on the CPU; pip takes it from local disk here).
 # The pins go on every pip call so open_clip_torch and vlfm never swap torch for a newer release.
 BENCH_VENV := .venv-bench
 BENCH_TORCH ?= torch==2.14.1 torchvision==0.29.1
@@ -66,8 +65,9 @@ bench-vlm: setup  ## stage-2 step memory and tokens/s: full fine-tuning vs LoRA 
 parity-open-clip: $(BENCH_VENV)/.installed  ## open_clip's own ViT-B models (random weights) loaded by vlfm: feature differences
 	$(BENCH_VENV)/bin/python bench/open_clip_parity.py
 
-lint: setup
+lint: setup  ## ruff, and the import-linter layer contract (pyproject.toml)
 	$(BIN)/ruff check src tests bench
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .venv-bench build src/*.egg-info .pytest_cache
