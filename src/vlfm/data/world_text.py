@@ -122,9 +122,33 @@ def questions(
         return [("what digit is this?", str(scene.digit)), ("how many shapes are there?", "zero")]
     rng = rng or _scene_rng(scene, 2)
     objs = list(scene.objects)
-    colours = [o.colour for o in objs]
-    shapes = [o.shape for o in objs]
-    qa: list[tuple[str, str]] = [("how many shapes are there?", NUMBERS[len(objs)])]
+    colours, shapes = [o.colour for o in objs], [o.shape for o in objs]
+    qa = [("how many shapes are there?", NUMBERS[len(objs)])] + _attribute_questions(objs)
+    qa += _count_questions(colours, shapes, rng)
+    # Existence: one 'yes', and a plausible 'no' that shares the colour or the shape of a present object.
+    qa.append((f"is there {with_article(objs[rng.integers(len(objs))].label)}?", "yes"))
+    present, avoid = {o.label for o in objs}, set(avoid)
+    near = [t for t in ALL_LABELS if t not in present and t not in avoid and set(t.split()) & set(colours + shapes)]
+    if near:
+        qa.append((f"is there {with_article(near[rng.integers(len(near))])}?", "no"))
+    qa += _relation_questions(objs, rng)
+    if training:  # drawn last, so the other questions are the same with and without them
+        asked = {q for q, _ in qa}
+        yes = [q for q in (f"is there {with_article(t)}?" for t in sorted(present)) if q not in asked]
+        no = [q for q in (f"is there {with_article(t)}?" for t in near) if q not in asked]
+        qa += [(q, "yes") for q in yes] + [(no[i], "no") for i in rng.permutation(len(no))[: len(yes)]]
+        far = [t for t in ALL_LABELS if t not in avoid and not set(t.split()) & set(colours + shapes)]
+        if far:
+            qa.append((f"is there {with_article(far[rng.integers(len(far))])}?", "no"))
+    if scene.grey:  # a grey picture cannot answer, or be asked about, colours
+        qa = [(q, a) for q, a in qa if a not in COLOURS and not any(c in q.split() for c in COLOURS)]
+    return qa
+
+
+def _attribute_questions(objs: list[Obj]) -> list[tuple[str, str]]:
+    """Colour, shape, size and position of each object, where the answer is unambiguous."""
+    colours, shapes = [o.colour for o in objs], [o.shape for o in objs]
+    qa = []
     for o in objs:
         if shapes.count(o.shape) == 1:
             qa.append((f"what colour is the {o.shape}?", o.colour))
@@ -146,24 +170,24 @@ def questions(
             qa.append((f"where is the {o.shape}?", "top" if o.y < 0.5 else "bottom"))
     if len(objs) > 1 and [o.size for o in objs].count("big") == 1:
         qa.append(("what colour is the big shape?", next(o.colour for o in objs if o.size == "big")))
-    # Counts per colour and per shape, plus one absent colour/shape ("zero" is an answer too).
+    return qa
+
+
+def _count_questions(colours: list[str], shapes: list[str], rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Counts per colour and per shape, plus one absent colour and shape ("zero" is an answer too)."""
+    qa = []
     absent_c = [c for c in COLOURS if c not in colours]
     absent_s = [s for s in SHAPES if s not in shapes]
     for c in sorted(set(colours)) + [absent_c[rng.integers(len(absent_c))]] * bool(absent_c):
         qa.append((f"how many {c} shapes are there?", NUMBERS[colours.count(c)]))
     for s in sorted(set(shapes)) + [absent_s[rng.integers(len(absent_s))]] * bool(absent_s):
         qa.append((f"how many {PLURALS[s]} are there?", NUMBERS[shapes.count(s)]))
-    # Existence: one 'yes', and a plausible 'no' that shares the colour or the shape of a present object.
-    qa.append((f"is there {with_article(objs[rng.integers(len(objs))].label)}?", "yes"))
-    present, avoid = {o.label for o in objs}, set(avoid)
-    near = [
-        t
-        for t in ALL_LABELS
-        if t not in present and t not in avoid and set(t.split()) & set(colours + shapes)
-    ]
-    if near:
-        qa.append((f"is there {with_article(near[rng.integers(len(near))])}?", "no"))
-    # Relations between pairs, only when the offset along that axis is clear; random order balances yes/no.
+    return qa
+
+
+def _relation_questions(objs: list[Obj], rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Relations between pairs, only when the offset along that axis is clear; random order balances yes/no."""
+    qa = []
     for i in range(len(objs)):
         for j in range(i + 1, len(objs)):
             a, b = (objs[i], objs[j]) if rng.random() < 0.5 else (objs[j], objs[i])
@@ -171,14 +195,4 @@ def questions(
                 qa.append((f"is the {a.label} left of the {b.label}?", "yes" if a.x < b.x else "no"))
             if abs(a.y - b.y) > 0.15:
                 qa.append((f"is the {a.label} above the {b.label}?", "yes" if a.y < b.y else "no"))
-    if training:  # drawn last, so the other questions are the same with and without them
-        asked = {q for q, _ in qa}
-        yes = [q for q in (f"is there {with_article(t)}?" for t in sorted(present)) if q not in asked]
-        no = [q for q in (f"is there {with_article(t)}?" for t in near) if q not in asked]
-        qa += [(q, "yes") for q in yes] + [(no[i], "no") for i in rng.permutation(len(no))[: len(yes)]]
-        far = [t for t in ALL_LABELS if t not in avoid and not set(t.split()) & set(colours + shapes)]
-        if far:
-            qa.append((f"is there {with_article(far[rng.integers(len(far))])}?", "no"))
-    if scene.grey:  # a grey picture cannot answer, or be asked about, colours
-        qa = [(q, a) for q, a in qa if a not in COLOURS and not any(c in q.split() for c in COLOURS)]
     return qa
