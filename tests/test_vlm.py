@@ -3,7 +3,6 @@ save/load, chat, the staged run and its CLI, bad input."""
 
 import io
 import json
-import re
 import shutil
 
 import pytest
@@ -310,89 +309,6 @@ def test_image_position_code_names_row_and_column():
     distances = torch.cdist(flat, flat) + torch.eye(16) * 1e3
     assert distances.min() > 0.1  # every token's code differs from every other's
     assert 0.5 < flat.pow(2).mean().sqrt() < 1.0  # the scale of the projected features, not of token embeddings
-
-
-def test_stage_2_curriculum_asks_about_one_object_then_two(tmp_path, model):
-    """stage2.curriculum_steps=[2, 2]: steps 0-1 draw only from one-object scenes, steps 2-3 from two-object
-    scenes, the later ones only from the configured world; without it the examples are those of before."""
-    import re
-
-    from vlfm.train.vlm import VLMTask, stage_examples
-
-    config = tiny_vlm_config(tmp_path, "stage2.steps=6", "stage2.curriculum_steps=[2,2]", "data.length_buckets=2",
-                             "data.world.min_objects=2",
-                             "data.world.max_objects=3")  # fmt: skip
-    examples = stage_examples(model, config, 2)
-    plain = stage_examples(model, tiny_vlm_config(tmp_path, "data.world.min_objects=2", "data.world.max_objects=3"), 2)
-    assert plain.phases == [] and len(examples.phases) == 2 and min(examples.phases) > 0
-    one, two = examples.phases
-    assert examples.ids[one + two :] == plain.ids  # the configured world's sequences, unchanged, after them
-    # each pool's images (a two-object scene of the phase can equal one of the world's: same index, same draw)
-    pools = [examples.image[:one], examples.image[one : one + two], examples.image[one + two :]]
-    pools = [examples.pixels[sorted(set(rows))].flatten(1) for rows in pools]
-    task = VLMTask(model, 2, examples, config)
-    for step in range(6):
-        pixels = torch.cat([piece["pixels"] for piece in task.batch(step, 0) if piece["pixels"] is not None])
-        assert len(pixels) and all((pools[step // 2] == image.flatten()).all(1).any() for image in pixels), step
-        assert step >= 2 or not any((pools[2] == image.flatten()).all(1).any() for image in pixels)
-
-    def counts(ids):  # the answers to "how many shapes are there?"
-        return {a for row in ids for a in re.findall(r"how many shapes are there\?\s*(\w+)", model.tokenizer.decode(row))}
-
-    assert counts(examples.ids[:one]) == {"one"}
-    assert counts(examples.ids[one : one + two]) == {"two"}
-    assert counts(examples.ids[one + two :]) == {"two", "three"}
-
-
-def test_stage_2_focus_phase_asks_only_its_kinds_in_its_steps(tmp_path, model):
-    """stage2.focus_steps=2 from focus_start=3, after curriculum_steps=[2]: steps 3-4 draw only single relation
-    questions (each alone, answered yes or no) about scenes of the configured world; steps 2 and 5-6 the
-    configured world's conversations, unchanged."""
-    from vlfm.data.world_text import question_kind
-    from vlfm.train.vlm import VLMTask, stage_examples
-
-    config = tiny_vlm_config(tmp_path, "stage2.steps=7", "stage2.curriculum_steps=[2]", "stage2.focus_steps=2",
-                             "stage2.focus_start=3", "data.world.min_objects=2", "data.world.max_objects=3")  # fmt: skip
-    examples = stage_examples(model, config, 2)
-    plain = stage_examples(model, tiny_vlm_config(tmp_path, "data.world.min_objects=2", "data.world.max_objects=3"), 2)
-    one, focus = examples.phases
-    assert one > 0 and focus > 0 and examples.ids[one + focus :] == plain.ids
-
-    def asks_one_relation(row) -> bool:
-        text = model.tokenizer.decode([i for i in row if i != model.tokenizer.pad_id])
-        questions = re.findall(r"(?:is|what|how|where)[^?]*\?", text)
-        return (len(questions) == 1 and question_kind(questions[0]) == "relation"
-                and re.search(r"\?\W*(yes|no)\W*$", text) is not None)  # fmt: skip
-
-    assert all(asks_one_relation(row) for row in examples.ids[one : one + focus])
-    assert all(row.count(model.config.image_token_id) == model.image_tokens for row in examples.ids[one : one + focus])
-    one_object = tiny_vlm_config(tmp_path, "stage2.steps=7", "stage2.focus_steps=2", "data.world.max_objects=1")
-    with pytest.raises(ConfigError, match=r"focus_kinds=\['relation'\]: the world's scenes ask no such question"):
-        stage_examples(model, one_object, 2)  # one object: no relation to ask about
-    task = VLMTask(model, 2, examples, config)
-    for step in range(7):  # steps 3-4 serve the focus phase only; 0-1 one object (no relation); the others all
-        asks = [asks_one_relation(row.tolist()) for piece in task.batch(step, 0) for row in piece["ids"]]
-        assert all(asks) if step in (3, 4) else not any(asks) if step < 2 else not all(asks), step
-
-
-def test_curriculum_steps_and_length_buckets_are_checked():
-    for overrides, message in [(["stage1.curriculum_steps=[5]"], "only stage 2"),
-                               (["stage2.curriculum_steps=[1,2]"], "below stage2.steps=3"),
-                               (["stage2.curriculum_steps=[-1]"], ">= 0 each"),
-                               (["stage2.curriculum_steps=[1]", "data.source=x.json"], "need the built-in world"),
-                               (["stage2.focus_steps=1", "data.source=x.json"], "need the built-in world"),
-                               (["stage2.curriculum_steps=[1]", "stage2.focus_steps=2"], "below stage2.steps=3"),
-                               (["stage2.focus_steps=1", "stage2.focus_kinds=[relations]"], "name one or more question kinds"),
-                               (["stage2.focus_steps=1", "stage2.focus_kinds=[]"], "name one or more question kinds"),
-                               (["stage1.focus_steps=1"], "only stage 2"),
-                               (["stage2.curriculum_steps=[1]", "stage2.focus_steps=1", "stage2.focus_start=0"],
-                                "starts after the curriculum"),
-                               (["stage2.focus_steps=1", "stage2.focus_start=2"], "ends before stage2.steps=3"),
-                               (["stage2.steps=9", "stage2.curriculum_steps=[1,1,1,1]", "data.world.max_objects=3"],
-                                "at most data.world.max_objects=3"),
-                               (["data.length_buckets=0"], "length_buckets must be >= 1")]:  # fmt: skip
-        with pytest.raises(ConfigError, match=message):
-            load_config(None, TINY_VLM + overrides)
 
 
 def test_length_buckets_change_the_padding_not_the_loss_or_gradients(tmp_path):

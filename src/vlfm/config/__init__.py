@@ -29,11 +29,11 @@ from vlfm.config.run import (
     TrainConfig,
     TrainSettings,
 )
-from vlfm.config.vlm import StageConfig, VLMDataConfig, VLMRunConfig
+from vlfm.config.vlm import PhaseConfig, StageConfig, VLMDataConfig, VLMRunConfig
 from vlfm.io import ConfigError
 
 __all__ = [
-    "ACTIVATIONS", "ClassifierConfig", "ConfigError", "ContrastiveTrainConfig", "DataConfig", "DistributedConfig", "LMConfig", "ModelConfig",
+    "ACTIVATIONS", "ClassifierConfig", "ConfigError", "ContrastiveTrainConfig", "DataConfig", "DistributedConfig", "LMConfig", "ModelConfig", "PhaseConfig",
     "RunConfig", "StageConfig", "TextConfig", "TrainConfig", "TrainSettings", "VLMConfig", "VLMDataConfig", "VLMRunConfig",
     "VisionConfig", "apply_overrides", "from_dict", "load_config", "to_dict",
 ]  # fmt: skip

@@ -36,6 +36,8 @@ def from_dict(cls, data: dict[str, Any] | None, prefix: str = ""):
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{name} must be a mapping, got {value!r}")
             kwargs[name] = from_dict(hint, value, f"{prefix}{name}.")
+        elif _dataclass_list(hint):
+            kwargs[name] = _dataclass_items(typing.get_args(hint)[0], value, f"{prefix}{name}")
         else:
             kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
     try:
@@ -46,6 +48,23 @@ def from_dict(cls, data: dict[str, Any] | None, prefix: str = ""):
         raise ConfigError(f"{prefix or 'config'}: {error}") from None
     except ValueError as error:  # a section's own check (WorldConfig's ranges, ...): its message names the key
         raise ConfigError(str(error)) from None
+
+
+def _dataclass_list(hint) -> bool:
+    """list[SomeDataclass]: a YAML list of mappings, each built with from_dict."""
+    args = typing.get_args(hint)
+    return typing.get_origin(hint) is list and len(args) == 1 and dataclasses.is_dataclass(args[0])
+
+
+def _dataclass_items(cls, value, key: str) -> list:
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key} must be a list, got {value!r}")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ConfigError(f"{key}[{i}] must be a mapping, got {item!r}")
+        out.append(from_dict(cls, item, f"{key}[{i}]."))
+    return out
 
 
 def to_dict(obj) -> dict[str, Any]:

@@ -9,8 +9,26 @@ from pathlib import Path
 from vlfm.config.model import VLMConfig
 from vlfm.config.run import TrainSettings
 from vlfm.data.shapes import WorldConfig
+from vlfm.data.stage_data import phase_windows
 from vlfm.data.world_text import KINDS
 from vlfm.io import ConfigError
+
+
+@dataclass
+class PhaseConfig:
+    """A window of a stage's steps with data of its own (data/stage_data.py builds it). Its data: `source` (null:
+    the stage's data.source; or another LLaVA JSON file, or shapes), narrowed by `objects` (the built-in world
+    only: scenes of exactly this many objects, rendered for the phase) and `kinds` (only questions of these
+    kinds, as world_text.question_kind names them, each alone: on a LLaVA file the matching (question, answer)
+    turns as single-turn conversations with their image). `mix` of each batch comes from the phase, the rest
+    from the stage's own data."""
+
+    steps: int = 0
+    start: int | None = None  # null: right after the previous phase (the first: step 0)
+    source: str | None = None
+    objects: int | None = None
+    kinds: list[str] | None = None
+    mix: float = 1.0
 
 
 @dataclass
@@ -24,33 +42,18 @@ class StageConfig:
     vision_lr: float = 0.0  # stage 2: > 0 trains the vision tower too, at this rate
     warmup_steps: int = 50
     lora_rank: int = 0  # stage 2: > 0 tunes the LM with LoRA adapters of this rank instead of all its weights
-    # stage 2 on the world: [N1, N2, ...]: the first N1 steps ask only about scenes of one object, the next N2
-    # about scenes of two, and so on; then the configured world. Reading where an object is is learnt on one
-    # object; with 2-3 objects from the start the LM never learns it (position stays at chance).
-    curriculum_steps: list[int] = field(default_factory=list)
-    # stage 2 on the world: focus_steps steps from step focus_start (null: right after the curriculum) that ask
-    # only questions of focus_kinds (as the VQA benchmark names them: relation, existence, ...), each alone; the
-    # configured world's conversations before and after. Relations stay at chance among all the other questions
-    # and are learnt in steps of their own, once the rest is (docs/experiments.md §10).
-    focus_steps: int = 0
-    focus_start: int | None = None
-    focus_kinds: list[str] = field(default_factory=lambda: ["relation"])
+    # stage 2: data phases, in order, e.g. a curriculum (`objects: 1`, then 2, ...: where an object is, is learnt
+    # on one object) and a focus window (`kinds: [relation]`: relations stay at chance among all the other
+    # questions and are learnt in steps of their own; docs/experiments.md §10). Other steps: the stage's data.
+    phases: list[PhaseConfig] = field(default_factory=list)
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj",
                                                              "gate_proj", "up_proj", "down_proj"])
 
     @property
     def phase_windows(self) -> list[tuple[int, int]]:
-        """[start, end) steps of the phases that are not the configured world: the curriculum's, one after the
-        other from step 0, then the focus phase's."""
-        out, step = [], 0
-        for n in self.curriculum_steps:
-            out.append((step, step + n))
-            step += n
-        if self.focus_steps:
-            start = step if self.focus_start is None else self.focus_start
-            out.append((start, start + self.focus_steps))
-        return out
+        """[start, end) steps of each phase."""
+        return phase_windows(self.phases)
 
 
 @dataclass
@@ -92,26 +95,35 @@ class VLMRunConfig:
         if self.data.length_buckets < 1:
             raise ConfigError(f"data.length_buckets must be >= 1 (1: one padded batch), got {self.data.length_buckets}")
         for stage in (0, 1):
-            if getattr(self, f"stage{stage}").phase_windows:
-                raise ConfigError(f"stage{stage}: only stage 2 has a curriculum and a focus phase")
-        s2 = self.stage2
-        if s2.phase_windows and self.data.source != "shapes":
-            raise ConfigError("stage2.curriculum_steps and focus_steps need the built-in world (data.source=shapes)")
-        if any(n < 0 for n in s2.curriculum_steps + [s2.focus_steps]) or sum(s2.curriculum_steps) + s2.focus_steps >= max(1, s2.steps):
-            raise ConfigError(f"stage2.curriculum_steps={s2.curriculum_steps} and focus_steps={s2.focus_steps} must be "
-                              f">= 0 each and sum to below stage2.steps={s2.steps}")
-        if s2.focus_steps and not sum(s2.curriculum_steps) <= s2.phase_windows[-1][0] < s2.phase_windows[-1][1] < s2.steps:
-            raise ConfigError(f"stage2.focus_start={s2.focus_start}: the focus phase starts after the curriculum "
-                              f"(step {sum(s2.curriculum_steps)}) and ends before stage2.steps={s2.steps}")
-        unknown = sorted(set(self.stage2.focus_kinds) - {kind for kind, _ in KINDS})
-        if unknown or not self.stage2.focus_kinds:
-            raise ConfigError(f"stage2.focus_kinds={self.stage2.focus_kinds}: name one or more question kinds of "
-                              f"{', '.join(kind for kind, _ in KINDS)}")
-        steps = self.stage2.curriculum_steps
-        if len(steps) > self.data.world.max_objects:
-            raise ConfigError(f"stage2.curriculum_steps={steps}: phase k shows k objects, and the world has at most "
-                              f"data.world.max_objects={self.data.world.max_objects}")
+            if getattr(self, f"stage{stage}").phases:
+                raise ConfigError(f"stage{stage}.phases: only stage 2 has data phases")
+        check_phases("stage2", self.stage2, self.data)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
+
+
+def check_phases(name: str, stage: StageConfig, data: VLMDataConfig) -> None:
+    """Each phase inside the stage's steps, after the previous one, with data it can have."""
+    previous_end = 0
+    for i, (phase, (start, end)) in enumerate(zip(stage.phases, stage.phase_windows)):
+        key = f"{name}.phases[{i}]"
+        if phase.steps < 1 or start < 0:
+            raise ConfigError(f"{key}: steps must be >= 1 and start >= 0, got steps={phase.steps}, start={start}")
+        if start < previous_end or end > stage.steps:
+            raise ConfigError(f"{key}: steps {start}-{end} must lie inside {name}.steps={stage.steps}, after the "
+                              f"previous phase (which ends at step {previous_end}): phases may not overlap")
+        previous_end = end
+        if not 0 < phase.mix <= 1 or round(phase.mix * stage.batch_size) < 1:
+            raise ConfigError(f"{key}.mix={phase.mix}: the fraction of each batch drawn from the phase must be in "
+                              f"(0, 1] and give at least one of {name}.batch_size={stage.batch_size}")
+        source = phase.source or data.source
+        if phase.objects is not None and source != "shapes":
+            raise ConfigError(f"{key}.objects needs the built-in world (source shapes), not {source}")
+        if phase.objects is not None and not 1 <= phase.objects <= data.world.max_objects:
+            raise ConfigError(f"{key}.objects={phase.objects}: scenes show 1 to data.world.max_objects="
+                              f"{data.world.max_objects} objects")
+        known = [kind for kind, _ in KINDS]
+        if phase.kinds is not None and (not phase.kinds or set(phase.kinds) - set(known)):
+            raise ConfigError(f"{key}.kinds={phase.kinds}: name one or more question kinds of {', '.join(known)}")

@@ -23,23 +23,12 @@ import torch.nn.functional as F
 from vlfm.adapt.lora import add_lora, merge_lora, save_adapter
 from vlfm.checkpoint import latest_checkpoint
 from vlfm.config import ConfigError, StageConfig, TrainConfig, VLMRunConfig
-from vlfm.data.chat import (
-    CAPTION_REQUESTS,
-    IMAGE_TOKEN,
-    TEMPLATES,
-    add_chat_tokens,
-    encode_conversation,
-    expand_image_tokens,
-    read_llava_json,
-    world_conversations,
-    world_text,
-)
-from vlfm.data.shapes import ShapesWorld, WorldConfig, render_many
+from vlfm.data import stage_data
+from vlfm.data.chat import TEMPLATES, add_chat_tokens, world_text
+from vlfm.data.stage_data import Encoder, Examples, world_scenes
 from vlfm.data.tokenizer import Tokenizer
-from vlfm.data.transforms import Preprocess, to_uint8_tensor
-from vlfm.data.world_text import captions
 from vlfm.eval.vqa import VQASet, vqa_accuracy
-from vlfm.io import decode_image, load_state_strict
+from vlfm.io import load_state_strict
 from vlfm.models.vlm import VisionLanguageModel
 from vlfm.train.loop import EpochSampler, Task
 
@@ -75,7 +64,7 @@ def build_model(config: VLMRunConfig) -> VisionLanguageModel:
         model_config.lm = dataclasses.replace(lm.config)
         lm_state = lm.state_dict()
     else:
-        texts = world_text(world_scenes(config, config.data.text_size), template, np.random.default_rng(config.train.seed),
+        texts = world_text(world_scenes(config.data.world, config.data.text_size), template, np.random.default_rng(config.train.seed),
                            config.data.world.held_out, config.data.count_questions)
         tokenizer = Tokenizer.train(texts, vocab_size=model_config.lm.vocab_size)
     add_chat_tokens(tokenizer, template, model_config.image_token)
@@ -94,117 +83,18 @@ def build_model(config: VLMRunConfig) -> VisionLanguageModel:
     return model
 
 
-def world_scenes(config: VLMRunConfig, n: int, split: str = "train"):
-    world = ShapesWorld(config.data.world)
-    return [world.scene(split, i) for i in range(n)]
-
-
 # --- data -----------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Examples:
-    """Token sequences (labels -100 where no loss is taken) and, per sequence, its image row (-1: none)."""
-
-    ids: list[list[int]]
-    labels: list[list[int]]
-    image: list[int]
-    pixels: torch.Tensor  # uint8 (N, 3, H, W)
-    skipped: int = 0
-    phases: list[int] = dataclasses.field(default_factory=list)  # sequences in each curriculum / focus phase; those rows come first, in phase order
-
-
 def stage_examples(model: VisionLanguageModel, config: VLMRunConfig, stage: int) -> Examples:
-    data, rng = config.data, np.random.default_rng([config.train.seed, stage])
-    avoid = data.world.held_out
-    tokenizer, template = model.tokenizer, model.template
-    if stage == 0:  # text only: every token is a target, except the image placeholder (no image to predict)
-        texts = world_text(world_scenes(config, data.text_size), template, rng, avoid, data.count_questions)
-        ids = [tokenizer.encode(t)[: data.max_length] for t in texts]
-        labels = [[IGNORE if i == model.config.image_token_id else i for i in row] for row in ids]
-        return Examples(ids, labels, [-1] * len(ids), torch.empty(0, 3, 1, 1, dtype=torch.uint8))
-    curriculum = config.stage2.curriculum_steps if stage == 2 else []
-    focus = config.stage2.focus_steps if stage == 2 else 0
-    if data.source == "shapes":
-        if data.world.image_size != model.config.vision.image_size:
-            raise ConfigError(f"data.world.image_size={data.world.image_size} differs from the vision tower's "
-                              f"image_size={model.config.vision.image_size}; set data.world.image_size")
-        pixels, scenes = render_world(data.world, data.train_size, data.workers)
-        pairs = scene_pairs(scenes, stage, rng, config)
-        front = []  # the curriculum's phases, in order: phase k asks about scenes of exactly k + 1 objects
-        for k, steps in enumerate(curriculum):
-            if steps:
-                world = dataclasses.replace(data.world, min_objects=k + 1, max_objects=k + 1, object_weights=None)
-                more_pixels, more_scenes = render_world(world, max(1, data.train_size // 2), data.workers)
-                more = scene_pairs(more_scenes, stage, rng, config)
-                front += [(len(pixels) + i, c, k) for i, c in more]
-                pixels = torch.cat([pixels, more_pixels])
-        if focus:  # then the focus phase: only its kinds of question, about the first half of the training scenes
-            more = scene_pairs(scenes[: max(1, data.train_size // 2)], stage, rng, config, config.stage2.focus_kinds)
-            front += [(i, c, len(curriculum)) for i, c in more]  # rows of the main render: nothing rendered twice
-        triples = front + [(i, c, -1) for i, c in pairs]
-    else:
-        pixels, pairs = llava_pairs(data.source, data.image_root, model.preprocess_config)
-        triples = [(i, c, -1) for i, c in pairs]
-    out = Examples([], [], [], pixels, phases=[0] * (len(curriculum) + bool(focus)))
-    for image, conversation, phase in triples:
-        ids, labels = encode_conversation(conversation, tokenizer, template)
-        ids, labels = expand_image_tokens(ids, labels, model.config.image_token_id, model.image_tokens, int(image >= 0))
-        if len(ids) > data.max_length:
-            out.skipped += 1
-            continue
-        out.ids.append(ids), out.labels.append(labels), out.image.append(image)
-        if phase >= 0:
-            out.phases[phase] += 1
-    if out.skipped:
-        log.info("stage %d: %d sequences longer than data.max_length=%d skipped", stage, out.skipped, data.max_length)
-    if not out.ids:
-        raise ConfigError(f"stage {stage} has no training sequences (data.source={data.source})")
-    if focus and not out.phases[-1]:
-        raise ConfigError(f"stage2.focus_kinds={config.stage2.focus_kinds}: the world's scenes ask no such question "
-                          f"(data.world: {data.world.min_objects}-{data.world.max_objects} objects)")
-    return out
-
-
-def render_world(world: WorldConfig, n: int, workers: int) -> tuple[torch.Tensor, list]:
-    """uint8 [n, 3, H, W] pixels of the world's first `n` training scenes, and the scenes."""
-    images, scenes = render_many(ShapesWorld(world), "train", n, workers=workers)
-    return torch.from_numpy(images), scenes
-
-
-def scene_pairs(scenes: list, stage: int, rng: np.random.Generator, config: VLMRunConfig,
-                kinds: list[str] | None = None):  # fmt: skip
-    """(image row, conversation) pairs of rendered scenes: stage 1 every caption under a random request, stage 2
-    the instruction conversations (`kinds`: only those questions, each alone)."""
+    """The stage's sequences and data phases (data/stage_data.py), encoded with the model's text side."""
     data = config.data
-    if stage == 1:
-        return [(i, [("user", f"{IMAGE_TOKEN}\n{CAPTION_REQUESTS[rng.integers(len(CAPTION_REQUESTS))]}"),
-                     ("assistant", text)]) for i, scene in enumerate(scenes) for text in captions(scene)]  # fmt: skip
-    return [(i, c) for i, scene in enumerate(scenes)
-            for c in world_conversations(scene, rng, data.world.held_out, data.max_turns, data.single_questions,
-                                         data.count_questions, kinds)]  # fmt: skip
-
-
-def llava_pairs(path: str, image_root: str | None, preprocess: Preprocess):
-    """(image row, conversation) pairs from a LLaVA JSON file; undecodable images are skipped and counted."""
-    try:
-        records, skipped = read_llava_json(path, image_root)
-    except (ValueError, FileNotFoundError) as error:  # an unknown role, a file that is not JSON, no records
-        raise ConfigError(f"data.source={path}: {error}") from None
-    images, pairs, rows = [], [], {}
-    for record in records:
-        row = -1
-        if record.image is not None:
-            if record.image not in rows:
-                image = decode_image(record.image)
-                if image is None:
-                    skipped += 1
-                    continue
-                rows[record.image] = len(images)
-                images.append(preprocess.resize_crop(image))
-            row = rows[record.image]
-        pairs.append((row, record.conversation))
-    log.info("%s: %d conversations, %d images, %d records skipped", path, len(pairs), len(images), skipped)
-    pixels = to_uint8_tensor(images) if images else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
-    return pixels, pairs
+    stage_config: StageConfig = getattr(config, f"stage{stage}")
+    uses_world = stage > 0 and "shapes" in [data.source] + [p.source for p in stage_config.phases]
+    if uses_world and data.world.image_size != model.config.vision.image_size:
+        raise ConfigError(f"data.world.image_size={data.world.image_size} differs from the vision tower's "
+                          f"image_size={model.config.vision.image_size}; set data.world.image_size")
+    encoder = Encoder(model.tokenizer, model.template, model.config.image_token_id, model.image_tokens)
+    return stage_data.stage_examples(stage, data, stage_config.phases, config.train.seed, encoder,
+                                     model.preprocess_config)  # fmt: skip
 
 
 # --- the task -------------------------------------------------------------------------------------------
@@ -215,14 +105,12 @@ class VLMTask(Task):
         stage_config: StageConfig = getattr(config, f"stage{stage}")
         self.config = stage_train_config(config, stage)
         self.device = model.device
-        # (first step, end step, first row, sampler) per phase: the curriculum's and the focus phase's rows serve
-        # their own steps; the configured world's rows (after theirs) every other step
-        self.pools, row = [], 0
-        for (start, end), rows in zip(stage_config.phase_windows, examples.phases):
-            if end > start and rows:
-                self.pools.append((start, end, row, EpochSampler(rows, self.config)))
-            row += rows
-        self.world = (row, EpochSampler(len(examples.ids) - row, self.config))
+        # (first step, end step, first row, sampler, rows per batch) per phase; the stage's own data otherwise and
+        # for the rest of a mixed phase's batches
+        size = self.config.batch_size
+        self.pools = [(p.start, p.end, p.rows.start, EpochSampler(len(p.rows), dataclasses.replace(self.config,
+                       batch_size=round(p.mix * size))), round(p.mix * size)) for p in examples.phases]  # fmt: skip
+        self.main = (examples.main.start, EpochSampler(len(examples.main), self.config))
         self.buckets = config.data.length_buckets
         self.lr_mults = set_trainable(model, stage, stage_config)
         self._evaluate = evaluate
@@ -232,8 +120,7 @@ class VLMTask(Task):
 
     def batch(self, step: int, micro: int) -> list[dict[str, torch.Tensor]]:
         """The step's sequences as `data.length_buckets` pieces of similar length, each padded to its longest."""
-        first, sampler = next(((row, sampler) for start, end, row, sampler in self.pools if start <= step < end), self.world)
-        rows = (sampler(step, micro) + first).tolist()
+        rows = self.rows(step, micro)
         ex = self.examples
         if self.buckets > 1:
             rows.sort(key=lambda r: len(ex.ids[r]))
@@ -249,6 +136,18 @@ class VLMTask(Task):
             images = [ex.image[r] for r in part if ex.image[r] >= 0]
             pieces.append({"ids": ids, "labels": labels, "mask": mask, "pixels": ex.pixels[images] if images else None})
         return pieces
+
+    def rows(self, step: int, micro: int) -> list[int]:
+        """The step's rows of `examples`: a phase's in its window (its `mix`, then the stage's own), else the
+        stage's own data."""
+        first, sampler = self.main
+        for start, end, row, pool, k in self.pools:
+            if start <= step < end:
+                rows = pool(step, micro) + row
+                if k < self.config.batch_size:
+                    rows = torch.cat([rows, sampler(step, micro)[: self.config.batch_size - k] + first])
+                return rows.tolist()
+        return (sampler(step, micro) + first).tolist()
 
     def loss(self, batch: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
         """Mean over every labelled token of the step, whichever piece it is in: the pieces change the padding,
