@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from vlfm.config import ConfigError, RunConfig, from_dict, load_config, to_dict
@@ -39,10 +41,10 @@ def test_wrong_type_and_choice():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["train.steps"])
     # a section's own range checks come out as ConfigError too (the CLI's one-line error, exit code 2)
-    with pytest.raises(ConfigError, match=r"world.grey_fraction=1.5 must be in \[0, 1\)"):
-        load_config("configs/shapes-clip.yaml", ["data.world.grey_fraction=1.5"])
-    with pytest.raises(ConfigError, match="world.grey_colours='pink' is not one of"):
-        load_config("configs/shapes-clip.yaml", ["data.world.grey_colours=pink"])
+    with pytest.raises(ConfigError, match=r"world.colour_free_fraction=1.5 must be in \[0, 1\)"):
+        load_config("configs/shapes-clip.yaml", ["data.world.colour_free_fraction=1.5"])
+    with pytest.raises(ConfigError, match="world.colour_free_style='pink' is not one of"):
+        load_config("configs/shapes-clip.yaml", ["data.world.colour_free_style=pink"])
 
 
 def test_a_vlm_run_refuses_the_fields_its_stages_own():
@@ -51,3 +53,18 @@ def test_a_vlm_run_refuses_the_fields_its_stages_own():
         load_config("configs/shapes-vlm.yaml", ["train.steps=5"])
     with pytest.raises(ConfigError, match="unknown config key 'train.loss_chunk'"):
         load_config("configs/shapes-vlm.yaml", ["train.loss_chunk=8"])
+
+
+def test_config_of_an_older_run_loads_with_its_keys_renamed(tmp_path):
+    """A run directory's config.yaml from before the renames (grey_* and stage 2's curriculum / focus fields)."""
+    import yaml
+
+    from vlfm.config import VLMRunConfig
+
+    old = yaml.safe_load(Path("configs/shapes-vlm.yaml").read_text())
+    old["data"]["world"] = {"image_size": 64, "grey_fraction": 0.3, "grey_colours": "off_palette"}
+    old["stage2"].pop("phases")
+    old["stage2"].update(curriculum_steps=[300], focus_steps=150, focus_start=900, focus_kinds=["relation"])
+    config = from_dict(VLMRunConfig, old)
+    assert (config.data.world.colour_free_fraction, config.data.world.colour_free_style) == (0.3, "off_palette")
+    assert to_dict(config)["stage2"]["phases"] == to_dict(load_config("configs/shapes-vlm.yaml"))["stage2"]["phases"]

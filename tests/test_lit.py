@@ -44,7 +44,7 @@ def test_lit_settings_that_cannot_work_are_refused(tmp_path):
 
 
 def test_unseen_words_never_occur_in_training_captions():
-    world = ShapesWorld(WorldConfig(grey_fraction=0.3))
+    world = ShapesWorld(WorldConfig(colour_free_fraction=0.3))
     words = set()
     for i in range(3000):
         for caption in captions(world.scene("train", i)):

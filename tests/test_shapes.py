@@ -331,7 +331,7 @@ def test_object_weights_and_heldout_needs_labels():
 
 
 def test_grey_scenes_only_in_training_and_never_name_colours():
-    world = ShapesWorld(WorldConfig(grey_fraction=0.4))
+    world = ShapesWorld(WorldConfig(colour_free_fraction=0.4))
     grey = [s for s in (world.scene("train", i) for i in range(300)) if s.grey]
     assert 80 < len(grey) < 160
     assert not any(world.scene(split, i).grey for split in ("val", "heldout", "single") for i in range(100))
@@ -355,17 +355,17 @@ def test_grey_scenes_only_in_training_and_never_name_colours():
     # the same index gives the same scene whether or not grey scenes are enabled (only the flag differs)
     plain = ShapesWorld(WorldConfig())
     assert plain.scene("train", 5).objects == world.scene("train", 5).objects
-    with pytest.raises(ValueError, match="grey_fraction"):
-        WorldConfig(grey_fraction=1.0)
+    with pytest.raises(ValueError, match="colour_free_fraction"):
+        WorldConfig(colour_free_fraction=1.0)
 
 
 def test_off_palette_grey_scenes():
-    world = ShapesWorld(WorldConfig(grey_fraction=0.4, grey_colours="off_palette"))
+    world = ShapesWorld(WorldConfig(colour_free_fraction=0.4, colour_free_style="off_palette"))
     scenes = [world.scene("train", i) for i in range(100)]
     grey = [s for s in scenes if s.grey]
     assert grey and all(s.off_palette for s in grey) and not any(s.off_palette for s in scenes if not s.grey)
     # same scenes and captions as the plain grey world: only how the objects are drawn differs
-    plain = ShapesWorld(WorldConfig(grey_fraction=0.4))
+    plain = ShapesWorld(WorldConfig(colour_free_fraction=0.4))
     assert [replace(s, off_palette=False) for s in scenes] == [plain.scene("train", i) for i in range(100)]
     assert all(not set(c.split()) & set(COLOURS) for s in grey for c in captions(s))
     # the pixels are colour pictures now, and still independent of the objects' (hidden) palette colours
@@ -381,8 +381,8 @@ def test_off_palette_grey_scenes():
         assert np.linalg.norm(colours[:, None] - palette[None], axis=2).min() > 90
         assert np.abs(colours.mean(1) - background).min() > 30
         assert colours.std(0).min() > 50 and (colours.max(1) - colours.min(1) > 100).mean() > 0.3
-    with pytest.raises(ValueError, match="grey_colours='pink' is not one of: grey, off_palette"):
-        WorldConfig(grey_colours="pink")
+    with pytest.raises(ValueError, match="colour_free_style='pink' is not one of: grey, off_palette"):
+        WorldConfig(colour_free_style="pink")
 
 
 def test_glyph_scenes():

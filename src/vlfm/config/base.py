@@ -4,6 +4,7 @@ back to a default), and `a.b.c=value` overrides change single fields."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import types
 import typing
 from typing import Any
@@ -12,6 +13,8 @@ import yaml
 
 from vlfm.io import ConfigError
 
+log = logging.getLogger("vlfm")
+
 
 def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
@@ -19,8 +22,9 @@ def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def from_dict(cls, data: dict[str, Any] | None, prefix: str = ""):
-    """Build dataclass `cls` from a nested dict; unknown keys raise ConfigError naming them."""
-    data = dict(data or {})
+    """Build dataclass `cls` from a nested dict; unknown keys raise ConfigError naming them. Keys of earlier
+    versions are translated first (a section's `RENAMED` table, or its `upgrade(data)`), so older runs load."""
+    data = upgrade(cls, dict(data or {}), prefix)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -48,6 +52,14 @@ def from_dict(cls, data: dict[str, Any] | None, prefix: str = ""):
         raise ConfigError(f"{prefix or 'config'}: {error}") from None
     except ValueError as error:  # a section's own check (WorldConfig's ranges, ...): its message names the key
         raise ConfigError(str(error)) from None
+
+
+def upgrade(cls, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if old in data:
+            log.warning("config key %s%s is now %s%s", prefix, old, prefix, new)
+            data.setdefault(new, data.pop(old))
+    return cls.upgrade(data) if hasattr(cls, "upgrade") else data
 
 
 def _dataclass_list(hint) -> bool:

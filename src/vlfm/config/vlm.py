@@ -46,6 +46,18 @@ class StageConfig:
     # on one object) and a focus window (`kinds: [relation]`: relations stay at chance among all the other
     # questions and are learnt in steps of their own; docs/experiments.md §10). Other steps: the stage's data.
     phases: list[PhaseConfig] = field(default_factory=list)
+
+    @staticmethod
+    def upgrade(data: dict) -> dict:
+        """An earlier version's curriculum_steps and focus_* (config.yaml of older runs) as phases."""
+        old = {key: data.pop(key) for key in ("curriculum_steps", "focus_steps", "focus_start", "focus_kinds") if key in data}
+        if old:
+            phases = [{"steps": n, "objects": k + 1} for k, n in enumerate(old.get("curriculum_steps") or []) if n]
+            if old.get("focus_steps"):
+                phases.append({"start": old.get("focus_start"), "steps": old["focus_steps"],
+                               "kinds": old.get("focus_kinds") or ["relation"]})  # fmt: skip
+            data.setdefault("phases", phases)
+        return data
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj",
                                                              "gate_proj", "up_proj", "down_proj"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -30,7 +31,7 @@ SIZES: tuple[str, ...] = ("small", "big")
 # recognise at this resolution (docs/experiments.md §1.2).
 SIZE_EXTENT: dict[str, tuple[float, float]] = {"small": (12 / 64, 15 / 64), "big": (22 / 64, 28 / 64)}
 SPLITS: tuple[str, ...] = ("train", "val", "heldout", "single")
-GREY_COLOURS: tuple[str, ...] = ("grey", "off_palette")  # the values of WorldConfig.grey_colours
+COLOUR_FREE_STYLES: tuple[str, ...] = ("grey", "off_palette")  # the values of WorldConfig.colour_free_style
 MAX_OBJECTS = 4  # captions stay <= 20 words and four objects still fit at 64 px
 _SPLIT_CODES = {"train": 0, "val": 1, "heldout": 2, "single": 3, "single_object": 4}
 _GAP = 2 / 64  # minimum gap between object boxes, and (half of it) to the image border
@@ -65,18 +66,20 @@ class WorldConfig:
         default_factory=lambda: ["red circle", "green square", "blue triangle", "yellow star", "purple cross"]
     )
     seed: int = 0
-    # Fraction of training scenes rendered in grey with colour-free captions ("a circle left of a star").
-    # Without them the image tower learns colour-specific shape detectors and misreads the shape of a
+    # Fraction of training scenes whose captions name no colour ("a circle left of a star"). Without them the image tower learns colour-specific shape detectors and misreads the shape of a
     # held-out combination (docs/experiments.md §1.2).
-    grey_fraction: float = 0.0
-    # How a grey scene's objects are drawn. "grey": each at a random grey level, the picture greyscale.
+    colour_free_fraction: float = 0.0
+    # How a colour-free scene's objects are drawn. "grey": each at a random grey level, the picture greyscale.
     # "off_palette": each in a random colour far from every named colour (pink, teal, lime, greys, ...; never
     # one the captions could name). Shapes then come in many more colours than the six, and the tower's shape
     # detectors stop depending on the colour (docs/experiments.md §2).
-    grey_colours: str = "grey"
+    colour_free_style: str = "grey"
     # Fraction of train and val scenes that show one rendered digit glyph instead of shapes (data/glyphs.py):
     # captions such as "the digit 7", for zero-shot digit recognition on real handwriting.
     glyph_fraction: float = 0.0
+
+    # keys of earlier versions (config.yaml of older runs) -> their names now
+    RENAMED: ClassVar[dict[str, str]] = {"grey_fraction": "colour_free_fraction", "grey_colours": "colour_free_style"}
 
     def __post_init__(self):
         if self.image_size < 32:
@@ -105,10 +108,10 @@ class WorldConfig:
                 f"world.held_out leaves {len(ALL_LABELS) - len(self.held_out)} combinations for training, "
                 f"fewer than max_objects={self.max_objects}; hold out fewer"
             )
-        if not 0.0 <= self.grey_fraction < 1.0:
-            raise ValueError(f"world.grey_fraction={self.grey_fraction} must be in [0, 1)")
-        if self.grey_colours not in GREY_COLOURS:
-            raise ValueError(f"world.grey_colours={self.grey_colours!r} is not one of: {', '.join(GREY_COLOURS)}")
+        if not 0.0 <= self.colour_free_fraction < 1.0:
+            raise ValueError(f"world.colour_free_fraction={self.colour_free_fraction} must be in [0, 1)")
+        if self.colour_free_style not in COLOUR_FREE_STYLES:
+            raise ValueError(f"world.colour_free_style={self.colour_free_style!r} is not one of: {', '.join(COLOUR_FREE_STYLES)}")
         if not 0.0 <= self.glyph_fraction < 1.0:
             raise ValueError(f"world.glyph_fraction={self.glyph_fraction} must be in [0, 1)")
         if self.seed < 0:
@@ -132,7 +135,7 @@ class Obj:
 class Scene:
     objects: tuple[Obj, ...]
     background: int  # seeds the background texture and all per-render jitter
-    grey: bool = False  # its captions and questions never name a colour; drawn as world.grey_colours says
+    grey: bool = False  # its captions and questions never name a colour; drawn as world.colour_free_style says
     off_palette: bool = False  # a grey scene whose objects take colours outside the palette
     digit: int | None = None  # a glyph scene: one rendered digit and no shapes
 
@@ -160,8 +163,8 @@ class ShapesWorld:
             raise ValueError("split 'heldout' needs a non-empty world.held_out")
         n = self.config.min_objects + int(rng.choice(len(self._count_p), p=self._count_p))
         scene = self._make_scene(rng, labels, min(n, len(labels)))
-        if split == "train" and self.config.grey_fraction and rng.random() < self.config.grey_fraction:
-            scene = replace(scene, grey=True, off_palette=self.config.grey_colours == "off_palette")
+        if split == "train" and self.config.colour_free_fraction and rng.random() < self.config.colour_free_fraction:
+            scene = replace(scene, grey=True, off_palette=self.config.colour_free_style == "off_palette")
         return scene
 
     def single_object_scene(self, index: int, combos: list[str]) -> Scene:
