@@ -6,13 +6,18 @@ Every other module builds on these; nothing here imports another vlfm module.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from io import BytesIO
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 class VlfmError(ValueError):
@@ -89,23 +94,100 @@ def raise_mismatch(what: str, missing: list[str], unexpected: list[str], shapes:
         raise CheckpointError(f"{what}: " + "; ".join(parts))
 
 
-def decode_image(path: str | Path) -> Image.Image | None:
-    """The image as RGB, or None when it cannot be decoded (data paths count and report those)."""
+MAX_PIXELS = 50_000_000  # images whose header claims more pixels are refused before decoding (bombs included)
+BACKGROUND = (255, 255, 255)  # transparent pixels are composited onto white
+_GREY_HIGH_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_TRANSPARENT = ("RGBA", "RGBa", "LA", "La", "PA", "P")
+
+
+class ImageError(UsageError):
+    """An image that cannot be used, in one line; `kind` is 'undecodable' or 'oversized' (data paths count each)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def read_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXELS,
+               target: int | tuple[int, int] | None = None, name: str | None = None) -> Image.Image:  # fmt: skip
+    """The one guarded image decoder: a file (path, bytes or open binary file) as 8-bit RGB, else an ImageError.
+
+    The pixel count is checked from the header before anything is decoded: more than `max_pixels` is refused
+    (PIL's own decompression-bomb limit, 2 x Image.MAX_IMAGE_PIXELS, refuses too). A JPEG larger than `target`
+    (w, h) is decoded at a reduced scale (`draft`), never below the target. EXIF orientation is applied; 16- and
+    32-bit greyscale (I;16, I, F) is scaled to 8 bits, not clipped; transparency (RGBA, LA, P, PA, a tRNS colour)
+    is composited onto BACKGROUND (white); CMYK, YCbCr and the rest are converted to RGB.
+    """
+    name = name or (str(source) if isinstance(source, (str, Path)) else "image")
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides, below
+            with Image.open(BytesIO(source) if isinstance(source, bytes) else source) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageError(f"{name} is {width} x {height} = {width * height:,} pixels, over the cap of "
+                                     f"{max_pixels:,} (--max-pixels / data.max_pixels)", "oversized")  # fmt: skip
+                if target is not None and image.format == "JPEG":
+                    image.draft("RGB", (target, target) if isinstance(target, int) else tuple(target))
+                image.load()
+                if image.getexif().get(0x0112, 1) != 1:  # EXIF orientation
+                    image = ImageOps.exif_transpose(image)
+                return to_rgb(image)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as error:  # PIL's own limit, before any size is known here
+        claimed = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{int(claimed[1]):,} pixels" if claimed else "a decompression bomb"
+        raise ImageError(f"{name} is {size}, over the cap of {min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or 0)):,} "
+                         "(refused as a decompression bomb)", "oversized") from None  # fmt: skip
+    except UnidentifiedImageError:
+        raise ImageError(f"{name} is not a readable image (not an image format Pillow knows)", "undecodable") from None
+    except Exception as error:  # a broken file must never be a traceback: truncated data, bad EXIF, odd modes
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}"
+        raise ImageError(f"{name} is not a readable image ({reason})", "undecodable") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: high-depth greyscale scaled to 0..255, transparency composited onto BACKGROUND (white)."""
+    if image.mode in _GREY_HIGH_DEPTH:
+        return Image.fromarray(_grey_to_uint8(image), "L").convert("RGB")
+    if image.mode in _TRANSPARENT or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        out = Image.new("RGB", image.size, BACKGROUND)
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return image.convert("RGB")
+
+
+def _grey_to_uint8(image: Image.Image) -> np.ndarray:
+    """16-bit values (I;16, or I within 0..65535) / 257; F within 0..1 x 255; anything else stretched min..max."""
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535):
+        values = values / 257
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        values = values * 255
+    else:
+        values = (values - low) * (255 / (high - low)) if high > low else np.zeros_like(values)
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def decode_image(source: str | Path | bytes | BinaryIO, max_pixels: int = MAX_PIXELS,
+                 target: int | tuple[int, int] | None = None) -> Image.Image | None:  # fmt: skip
+    """read_image, or None when the image is undecodable or over `max_pixels` (data paths count and report those)."""
+    try:
+        return read_image(source, max_pixels, target)
+    except ImageError:
         return None
 
 
-def open_image(image: str | Path | Image.Image) -> Image.Image:
-    """One image a user named (a path or an already open image) as RGB; a clear error when it cannot be read."""
+def open_image(image: str | Path | Image.Image, max_pixels: int = MAX_PIXELS,
+               target: int | tuple[int, int] | None = None) -> Image.Image:  # fmt: skip
+    """One image a user named (a path or an already open image) as RGB; a one-line UsageError (an ImageError) when
+    it does not exist, cannot be decoded or is over `max_pixels`."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     path = Path(image)
     if not path.is_file():
         raise UsageError(f"image {str(path)!r} does not exist")
-    decoded = decode_image(path)
-    if decoded is None:
-        raise UsageError(f"{path} is not a readable image")
-    return decoded
+    return read_image(path, max_pixels, target)

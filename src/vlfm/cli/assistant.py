@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from vlfm.cli.common import add_max_pixels
 from vlfm.io import UsageError, open_image
 
 
@@ -21,6 +22,7 @@ def add_chat(p) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    add_max_pixels(p, "--image: an image")
 
 
 def chat_command(args) -> None:
@@ -34,7 +36,7 @@ def chat_command(args) -> None:
         raise UsageError(f"chat needs a vision-language model; {args.checkpoint} is a {type(model).__name__}")
     if args.scene is not None:
         return _chat_about_scene(model, args)
-    image = open_image(args.image)
+    image = open_image(args.image, args.max_pixels, model.config.vision.image_size)
     options = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                "generator": torch.Generator().manual_seed(args.seed)}  # fmt: skip
     history: list[tuple[str, str]] = []

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from vlfm.cli.assistant import describe, eval_vlm
-from vlfm.cli.common import print_json, two_tower
+from vlfm.cli.common import add_max_pixels, print_json, two_tower
 from vlfm.io import UsageError, open_image
 
 
@@ -75,6 +75,7 @@ def add_classify(p) -> None:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--labels", required=True, help='comma-separated labels, e.g. "a red circle,a blue square"')
     p.add_argument("--templates", help='comma-separated prompt templates with {}, e.g. "a photo of {}"')
+    add_max_pixels(p)
 
 
 def classify_command(args) -> None:
@@ -86,8 +87,8 @@ def classify_command(args) -> None:
     templates = [t.strip() for t in args.templates.split(",")] if args.templates else None
     if templates and any("{}" not in t for t in templates):
         raise UsageError("every template needs a {} where the label goes")
-    images = [open_image(p) for p in args.images]
     model = two_tower(load(args.checkpoint), "classify")
+    images = [open_image(p, args.max_pixels, model.preprocess_config.image_size) for p in args.images]
     probabilities = model.classify(images, labels, templates)
     width = max(len(label) for label in labels)
     for path, row in zip(args.images, probabilities):
@@ -104,6 +105,7 @@ def add_embed(p) -> None:
     source.add_argument("--texts", help="text file, one text per line")
     p.add_argument("--out", required=True, help="output .npy (a .txt beside it lists the rows)")
     p.add_argument("--batch-size", type=int, default=256)
+    add_max_pixels(p, "--images: images (skipped and counted)")
 
 
 def embed_command(args) -> None:
@@ -126,13 +128,15 @@ def embed_command(args) -> None:
         from vlfm.io import decode_image
 
         try:
-            decoded = [(path, decode_image(path)) for path in list_images(args.images)]
+            size = model.preprocess_config.image_size
+            decoded = [(path, decode_image(path, args.max_pixels, size)) for path in list_images(args.images)]
         except ValueError as error:
             raise UsageError(str(error)) from None
         images, rows = [image for _, image in decoded if image is not None], [str(p) for p, image in decoded if image is not None]
         skipped = [path.name for path, image in decoded if image is None]
         if skipped:
-            logging.getLogger("vlfm").warning("skipped %d undecodable image(s): %s", len(skipped), ", ".join(skipped[:5]))
+            logging.getLogger("vlfm").warning("skipped %d undecodable or oversized image(s): %s", len(skipped),
+                                              ", ".join(skipped[:5]))  # fmt: skip
         if not images:
             raise UsageError(f"{args.images} holds no readable images")
         embeddings = model.embed_images(images, args.batch_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlfm.cli.common import two_tower
+from vlfm.cli.common import add_max_pixels, two_tower
 from vlfm.io import UsageError, open_image
 
 
@@ -26,6 +26,7 @@ def add_index(p) -> None:
         source.add_argument("--images", help="folder of images (undecodable ones are skipped and counted)")
         source.add_argument("--captions", help="caption file (.csv/.tsv/.jsonl with filepath, caption): captions are stored")
         q.add_argument("--batch-size", type=int, default=256)
+        add_max_pixels(q, "images (skipped and counted)")
 
 
 def add_search(p) -> None:
@@ -35,6 +36,7 @@ def add_search(p) -> None:
     p.add_argument("-k", type=int, default=10, help="number of hits")
     p.add_argument("--sheet", help="also write the hits as a contact-sheet PNG")
     p.add_argument("--checkpoint", help="embed the query with this model (default: the one that built the index)")
+    add_max_pixels(p, "--image: an image")
 
 
 def _index_items(args) -> list[tuple[Path, str]]:
@@ -65,10 +67,11 @@ def index_command(args) -> None:
     else:
         index = SearchIndex.open(args.index)
         model = two_tower(load(index.info["model_path"]), "index add")
-    stats = index.add_images(model, items, args.batch_size)
+    stats = index.add_images(model, items, args.batch_size, max_pixels=args.max_pixels)
     print(json.dumps(stats))
     if stats["skipped"] and not stats["added"] and not len(index):
-        raise UsageError(f"none of the {stats['skipped']} images could be decoded; the index is empty")
+        raise UsageError(f"none of the {stats['skipped']} images could be decoded (or all are over --max-pixels); "
+                         "the index is empty")  # fmt: skip
 
 
 def search_command(args) -> None:
@@ -81,7 +84,10 @@ def search_command(args) -> None:
     index = SearchIndex.open(args.index)
     model = two_tower(load(args.checkpoint or index.info["model_path"]), "search")
     index.check_model(model)
-    query = model.embed_images([open_image(args.image)]) if args.image else model.embed_texts([args.text])
+    if args.image:
+        query = model.embed_images([open_image(args.image, args.max_pixels, model.preprocess_config.image_size)])
+    else:
+        query = model.embed_texts([args.text])
     hits = index.search(query.cpu().numpy(), args.k)[0]
     print(f"{'rank':>4}  {'score':>6}  path  caption")
     for rank, hit in enumerate(hits, 1):

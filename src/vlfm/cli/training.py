@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from vlfm.cli.common import print_json, two_tower
+from vlfm.cli.common import add_max_pixels, print_json, two_tower
 from vlfm.io import UsageError
 
 
@@ -74,7 +74,7 @@ def add_data(p) -> None:
     d.add_argument("--image-size", type=int, default=64, help="--world: image size in pixels")
     d.add_argument("--out", required=True, help="directory for shard-000000.tar, ...")
     d.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
-    d.add_argument("--max-pixels", type=int, default=50_000_000, help="larger images are skipped as oversized")
+    add_max_pixels(d, "images (skipped and counted as oversized)")
 
 
 def data_command(args) -> None:

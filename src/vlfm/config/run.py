@@ -8,7 +8,7 @@ from pathlib import Path
 from vlfm.config.base import check_choice
 from vlfm.config.model import ModelConfig
 from vlfm.data.shapes import WorldConfig
-from vlfm.io import ConfigError
+from vlfm.io import MAX_PIXELS, ConfigError
 
 
 @dataclass
@@ -29,6 +29,7 @@ class DataConfig:
     # and --resume needs the same torchrun size, data.workers and train.batch_size.
     stream: bool = False
     shuffle_buffer: int = 1000  # stream: samples shuffled in a seeded buffer (per reader and epoch); <= 1: no shuffle
+    max_pixels: int = MAX_PIXELS  # images whose header claims more pixels are skipped and counted (io.read_image)
 
     def __post_init__(self):
         if self.stream and (self.source == "shapes" or Path(self.source).suffix in (".csv", ".tsv", ".jsonl", ".json")):

@@ -11,7 +11,7 @@ from vlfm.config.run import TrainSettings
 from vlfm.data.shapes import WorldConfig
 from vlfm.data.stage_data import phase_windows
 from vlfm.data.world_text import KINDS
-from vlfm.io import ConfigError
+from vlfm.io import MAX_PIXELS, ConfigError
 
 
 @dataclass
@@ -84,6 +84,7 @@ class VLMDataConfig:
     length_buckets: int = 1
     world: WorldConfig = field(default_factory=WorldConfig)
     workers: int = 2
+    max_pixels: int = MAX_PIXELS  # LLaVA images whose header claims more pixels are skipped and counted
 
 
 @dataclass

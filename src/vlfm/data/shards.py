@@ -15,13 +15,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from vlfm.data.sources import IMAGE_SUFFIXES, ImageTextData, list_images
 from vlfm.data.transforms import Preprocess, to_uint8_tensor
+from vlfm.io import MAX_PIXELS, ImageError, read_image
 
 log = logging.getLogger("vlfm")
-MAX_PIXELS = 50_000_000  # larger images are skipped as oversized (decompression bombs included)
 IMAGE_KEYS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)
 
 
@@ -43,17 +43,13 @@ class Skipped:
                         len(self.broken_shards), self.broken_shards[0])
 
 
-def check_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image | str:
-    """The decoded RGB image, or the reason it is skipped: 'undecodable' or 'oversized'."""
+def check_image(data: bytes, max_pixels: int = MAX_PIXELS, target: int | None = None) -> Image.Image | str:
+    """The decoded RGB image (io.read_image; a JPEG at no less than `target`), or the reason it is skipped:
+    'undecodable' or 'oversized'."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > max_pixels:  # the header is read first: nothing big is decoded
-                return "oversized"
-            return image.convert("RGB")
-    except Image.DecompressionBombError:
-        return "oversized"
-    except (OSError, UnidentifiedImageError, ValueError):
-        return "undecodable"
+        return read_image(data, max_pixels, target)
+    except ImageError as error:
+        return error.kind
 
 
 def folder_items(folder: str | Path) -> list[tuple[Path, str]]:
@@ -168,14 +164,15 @@ def _ends_like_a_tar(path: Path) -> bool:
         return not any(file.read())
 
 
-def decode_sample(sample: dict, max_pixels: int = MAX_PIXELS) -> tuple[Image.Image | str, str]:
+def decode_sample(sample: dict, max_pixels: int = MAX_PIXELS, target: int | None = None) -> tuple[Image.Image | str, str]:
     """(RGB image or the reason it is skipped, caption) of a raw sample."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
-    checked = check_image(sample[key], max_pixels) if key else "undecodable"
+    checked = check_image(sample[key], max_pixels, target) if key else "undecodable"
     return checked, sample.get("txt", b"").decode("utf-8").strip()
 
 
-def read_shards(source: str | Path, max_pixels: int = MAX_PIXELS, skipped: Skipped | None = None) -> Iterator[tuple[Image.Image, str]]:
+def read_shards(source: str | Path, max_pixels: int = MAX_PIXELS, skipped: Skipped | None = None,
+                target: int | None = None) -> Iterator[tuple[Image.Image, str]]:  # fmt: skip
     """(RGB image, caption) samples in shard order; bad images are skipped and recorded in `skipped`."""
     skipped = skipped if skipped is not None else Skipped()
 
@@ -184,18 +181,18 @@ def read_shards(source: str | Path, max_pixels: int = MAX_PIXELS, skipped: Skipp
 
     for url in shard_urls(source):
         for sample in shard_samples(url, broken):
-            checked, caption = decode_sample(sample, max_pixels)
+            checked, caption = decode_sample(sample, max_pixels, target)
             if isinstance(checked, str):
                 getattr(skipped, checked).append(f"{url}:{sample['__key__']}")
                 continue
             yield checked, caption
 
 
-def load_shards(source: str | Path, preprocess: Preprocess) -> ImageTextData:
+def load_shards(source: str | Path, preprocess: Preprocess, max_pixels: int = MAX_PIXELS) -> ImageTextData:
     """Every sample of the shards decoded, resized and centre-cropped into memory (the training data)."""
     skipped = Skipped()
     images, captions = [], []
-    for image, caption in read_shards(source, skipped=skipped):
+    for image, caption in read_shards(source, max_pixels, skipped, preprocess.image_size):
         images.append(preprocess.resize_crop(image))
         captions.append([caption])
     skipped.report(str(source))

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from vlfm.data.transforms import Preprocess, to_uint8_tensor
+from vlfm.io import MAX_PIXELS, ImageError, read_image
 
 log = logging.getLogger("vlfm")
 
@@ -72,18 +72,19 @@ def read_caption_file(path: str | Path, image_column: str = "filepath", caption_
     return [(path.parent / str(row[image_column]), str(row[caption_column])) for row in rows]
 
 
-def load_image_text(rows: list[tuple[Path, str]], preprocess: Preprocess) -> ImageTextData:
-    """Decode, resize and centre-crop every image; undecodable ones are skipped and counted in the log."""
+def load_image_text(rows: list[tuple[Path, str]], preprocess: Preprocess, max_pixels: int = MAX_PIXELS) -> ImageTextData:
+    """Decode (io.read_image), resize and centre-crop every image; undecodable ones and those over `max_pixels`
+    are skipped and counted in the log."""
     images, captions, failures = [], [], []
     for image_path, caption in rows:
         try:
-            with Image.open(image_path) as image:
-                images.append(preprocess.resize_crop(image))
+            images.append(preprocess.resize_crop(read_image(image_path, max_pixels, preprocess.image_size)))
             captions.append([caption])
-        except (OSError, UnidentifiedImageError, ValueError) as error:
-            failures.append(f"{image_path} ({type(error).__name__})")
+        except ImageError as error:
+            failures.append(str(error))
     if failures:
-        log.warning("skipped %d of %d images that could not be decoded, e.g. %s", len(failures), len(rows), failures[0])
+        log.warning("skipped %d of %d images that could not be decoded or are over the pixel cap, e.g. %s",
+                    len(failures), len(rows), failures[0])  # fmt: skip
     if not images:
         raise ValueError(f"none of the {len(rows)} images could be decoded (first: {failures[0]})")
     return ImageTextData(to_uint8_tensor(images), captions, skipped=len(failures))

@@ -33,7 +33,7 @@ from vlfm.data.shapes import ShapesWorld, WorldConfig, render_many
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess, to_uint8_tensor
 from vlfm.data.world_text import captions, question_kind
-from vlfm.io import ConfigError, decode_image
+from vlfm.io import MAX_PIXELS, ConfigError, decode_image
 
 log = logging.getLogger("vlfm")
 Pairs = list[tuple[int, Conversation]]  # (image row or -1, conversation)
@@ -158,7 +158,8 @@ def source_pairs(source: str, stage: int, data, rng: np.random.Generator, prepro
     if source == "shapes":
         pixels, scenes = render_world(data.world, data.train_size, data.workers)
         return pixels, scene_pairs(scenes, stage, rng, data), scenes
-    pixels, pairs = llava_pairs(source, image_root if source != data.source else data.image_root, preprocess)
+    pixels, pairs = llava_pairs(source, image_root if source != data.source else data.image_root, preprocess,
+                                data.max_pixels)  # fmt: skip
     return pixels, pairs, None
 
 
@@ -208,8 +209,10 @@ def kind_pairs(pairs: Pairs, kinds: list[str]) -> Pairs:
     return out
 
 
-def llava_pairs(path: str, image_root: str | None, preprocess: Preprocess) -> tuple[torch.Tensor, Pairs]:
-    """(image row, conversation) pairs from a LLaVA JSON file; undecodable images are skipped and counted."""
+def llava_pairs(path: str, image_root: str | None, preprocess: Preprocess,
+                max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, Pairs]:  # fmt: skip
+    """(image row, conversation) pairs from a LLaVA JSON file; images that are undecodable or over `max_pixels`
+    are skipped and counted."""
     try:
         records, skipped = read_llava_json(path, image_root)
     except (ValueError, FileNotFoundError) as error:  # an unknown role, a file that is not JSON, no records
@@ -219,7 +222,7 @@ def llava_pairs(path: str, image_root: str | None, preprocess: Preprocess) -> tu
         row = -1
         if record.image is not None:
             if record.image not in rows:
-                image = decode_image(record.image)
+                image = decode_image(record.image, max_pixels, preprocess.image_size)
                 if image is None:
                     skipped += 1
                     continue

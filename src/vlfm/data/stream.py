@@ -30,9 +30,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlfm import distributed
-from vlfm.data.shards import MAX_PIXELS, decode_sample, shard_samples, shard_urls
+from vlfm.data.shards import decode_sample, shard_samples, shard_urls
 from vlfm.data.transforms import Preprocess, to_uint8_tensor
-from vlfm.io import ConfigError
+from vlfm.io import MAX_PIXELS, ConfigError
 
 log = logging.getLogger("vlfm")
 TOKENIZER_CAPTIONS = 20_000  # a stream's tokenizer is trained on the captions of this many first samples
@@ -154,13 +154,13 @@ class ShardBatches:
 
     def __init__(self, source: str, preprocess: Preprocess, batch_size: int, seed: int, workers: int,
                  shuffle_buffer: int = 1000, augment: bool = False, rank: int | None = None,
-                 world: int | None = None):  # fmt: skip
+                 world: int | None = None, max_pixels: int = MAX_PIXELS):  # fmt: skip
         self.urls = shard_urls(source)
         self.rank = distributed.rank() if rank is None else rank
         self.world = distributed.world_size() if world is None else world
         check_readers(len(self.urls), self.world, workers)  # before anything is trained
         self.preprocess, self.batch_size, self.seed, self.workers = preprocess, batch_size, seed, workers
-        self.shuffle_buffer, self.augment = shuffle_buffer, augment
+        self.shuffle_buffer, self.augment, self.max_pixels = shuffle_buffer, augment, max_pixels
         self.layout = {"shards": len(self.urls), "world_size": self.world, "workers": max(1, workers),
                        "batch_size": batch_size, "seed": seed, "shuffle_buffer": shuffle_buffer}  # fmt: skip
         self.batches = 0
@@ -174,7 +174,7 @@ class ShardBatches:
         if self._iterator is None:
             stream = ShardStream(self.urls, self.preprocess, self.batch_size, self.seed, self.rank, self.world,
                                  self.workers, self.shuffle_buffer, self.readers, self.batches % max(1, self.workers),
-                                 self.augment)  # fmt: skip
+                                 self.augment, self.max_pixels)  # fmt: skip
             self._iterator = iter(DataLoader(stream, batch_size=None, num_workers=self.workers,
                                              timeout=WORKER_TIMEOUT_S if self.workers else 0))  # fmt: skip
         batch = next(self._iterator)

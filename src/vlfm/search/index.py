@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vlfm.io import SearchError, decode_image
+from vlfm.io import MAX_PIXELS, SearchError, decode_image
 
 log = logging.getLogger("vlfm")
 KINDS = ("flat", "hnsw", "ivfpq")
@@ -116,8 +116,10 @@ class SearchIndex:
             )
 
     # --- adding -----------------------------------------------------------------------------------------------
-    def add_images(self, model, items: Iterable[tuple[Path, str]], batch_size: int = 256, progress: bool = True) -> dict:
-        """Embed and add (path, caption) items, skipping paths already indexed and images that do not decode."""
+    def add_images(self, model, items: Iterable[tuple[Path, str]], batch_size: int = 256, progress: bool = True,
+                   max_pixels: int = MAX_PIXELS) -> dict:  # fmt: skip
+        """Embed and add (path, caption) items, skipping paths already indexed and images that do not decode or
+        are over `max_pixels` (io.read_image; JPEGs decoded no larger than the model needs)."""
         self.check_model(model)
         done = {p for (p,) in self.db.execute("SELECT path FROM items")}
         todo = [(str(p), c) for p, c in items if str(p) not in done]
@@ -125,7 +127,7 @@ class SearchIndex:
         bar = tqdm(total=len(todo), desc="index", unit="img", disable=not progress)
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            decoded = [(item, decode_image(item[0])) for item in chunk]
+            decoded = [(item, decode_image(item[0], max_pixels, model.preprocess_config.image_size)) for item in chunk]
             skipped += [item[0] for item, image in decoded if image is None]
             good = [(item, image) for item, image in decoded if image is not None]
             if good:
@@ -136,7 +138,7 @@ class SearchIndex:
         bar.close()
         self._flush_staged()
         if skipped:
-            log.warning("skipped %d undecodable image(s), e.g. %s", len(skipped), skipped[0])
+            log.warning("skipped %d undecodable or oversized image(s), e.g. %s", len(skipped), skipped[0])
         return {"added": added, "skipped": len(skipped), "already_indexed": len(done), "total": len(self)}
 
     def _add(self, vectors: np.ndarray, items: list[tuple[str, str]]) -> None:
@@ -216,7 +218,7 @@ def contact_sheet(hits: list[Hit], path: str | Path, thumb: int = 128, columns: 
     draw = ImageDraw.Draw(sheet)
     for n, hit in enumerate(hits):
         x, y = (n % columns) * thumb, (n // columns) * (thumb + 14)
-        image = decode_image(hit.path)
+        image = decode_image(hit.path, target=thumb)
         if image is not None:
             image.thumbnail((thumb, thumb))
             sheet.paste(image, (x + (thumb - image.width) // 2, y + (thumb - image.height) // 2))

@@ -43,9 +43,9 @@ def load_training_data(config: RunConfig, preprocess: Preprocess) -> ImageTextDa
         images, scenes = render_many(ShapesWorld(data.world), "train", data.train_size, workers=data.workers)
         return ImageTextData(torch.from_numpy(images), [captions(s) for s in scenes])
     if is_shard_source(data.source):
-        return load_shards(data.source, preprocess)
+        return load_shards(data.source, preprocess, data.max_pixels)
     rows = read_caption_file(data.source, data.image_column, data.caption_column)
-    return load_image_text(rows, preprocess)
+    return load_image_text(rows, preprocess, data.max_pixels)
 
 
 class ContrastiveTask(Task):
@@ -59,7 +59,7 @@ class ContrastiveTask(Task):
         if config.data.stream:  # batches come from the stream in order; a new tokenizer learns its first captions
             data, train = config.data, config.train
             self.stream = ShardBatches(data.source, self.preprocess, self.local_rows, train.seed, data.workers,
-                                       data.shuffle_buffer, data.augment)  # fmt: skip
+                                       data.shuffle_buffer, data.augment, max_pixels=data.max_pixels)  # fmt: skip
             needed = tokenizer is None and not config.model.text_init
             all_captions = self.stream.first_captions() if needed else []
             log.info("streaming %d shard(s) from %s", len(self.stream.urls), data.source)
