@@ -18,13 +18,16 @@ def test_save_load_round_trip(trained_run, tmp_path):
     assert torch.equal(model.encode_image(images), again.encode_image(images))
     assert torch.equal(model.encode_text(ids, mask), again.encode_text(ids, mask))
     assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == [
-        "config.json", "model.safetensors", "preprocess.json", "tokenizer.json", "tokenizer_config.json"]
+        "config.json", "manifest.json", "model.safetensors", "preprocess.json", "tokenizer.json", "tokenizer_config.json"]
 
 
 def test_missing_weights_is_an_error(trained_run, tmp_path):
     target = tmp_path / "broken"
     vlfm.load(trained_run).save(target)
     (target / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors: missing .the manifest lists it"):
+        vlfm.load(target)
+    (target / "manifest.json").unlink()  # a directory saved before manifests
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         vlfm.load(target)
 
@@ -37,6 +40,7 @@ def test_mismatched_weights_list_the_keys(trained_run, tmp_path):
     state["extra.weight"] = torch.zeros(2)
     state["visual.pos_embed"] = torch.zeros(1, 3, 32)
     save_file(state, str(target / "model.safetensors"))
+    (target / "manifest.json").unlink()  # weights written by hand, past the manifest's sizes
     with pytest.raises(CheckpointError) as error:
         vlfm.load(target)
     message = str(error.value)

@@ -5,7 +5,9 @@ Every other module builds on these; nothing here imports another vlfm module.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
 import warnings
@@ -18,6 +20,8 @@ from typing import BinaryIO
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 
 class VlfmError(ValueError):
@@ -45,9 +49,11 @@ class RunExistsError(VlfmError):
 
 
 @contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
+def atomic_directory(path: str | Path, manifest: bool = False) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces `path` in one rename (old contents removed after), so
-    a crash never leaves a half-written directory under the real name."""
+    a crash never leaves a half-written directory under the real name. With `manifest`, manifest.json (every
+    file's size and sha256) is written last. Every file and the directory reach the disk (fsync) before the
+    rename, and the parent directory after it, so a power cut leaves the old directory or the new one, whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -55,6 +61,11 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        if manifest:
+            write_manifest(tmp)
+        for file in tmp.rglob("*"):
+            _fsync(file)
+        _fsync(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -63,14 +74,102 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
         path.rename(old)
     tmp.rename(path)
+    _fsync(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_json(path: Path) -> dict:
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- manifests: what a checkpoint directory held when it was written ------------------------------------
+MANIFEST = "manifest.json"
+# Files a checkpoint is made of: one of these beside a manifest that does not list it was put there later.
+CHECKPOINT_FILES = ("config.json", "train_state.json", "tokenizer.json", "tokenizer_config.json", "preprocess.json",
+                    "adapter_config.json")  # fmt: skip
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": sha256(p)} for p in files}
+    (directory / MANIFEST).write_text(json.dumps({"manifest_version": 1, "files": entries}, indent=1))
+
+
+def manifest_problems(directory: str | Path, checksums: bool = False) -> dict[str, str] | None:
+    """File name -> what is wrong with it (missing, another size, other bytes when `checksums`, not listed), one
+    line each naming the file; None when the directory has no manifest.json (saved before manifests)."""
+    directory = Path(directory)
+    if not (directory / MANIFEST).is_file():
+        return None
+    try:
+        entries = {name: (int(e["size"]), str(e["sha256"])) for name, e in read_json(directory / MANIFEST)["files"].items()}
+    except (CheckpointError, KeyError, TypeError, ValueError, AttributeError) as error:
+        return {MANIFEST: f"{directory / MANIFEST}: damaged, not a manifest ({error})"}
+    problems = {}
+    for name, (size, digest) in entries.items():
+        file = directory / name
+        found = file.stat().st_size if file.is_file() else None
+        if found is None:
+            problems[name] = f"{file}: missing (the manifest lists it, {size} bytes)"
+        elif found != size:
+            change = "empty" if not found else "truncated" if found < size else f"{found - size} byte(s) more"
+            problems[name] = f"{file}: {found} bytes where the manifest says {size} ({change})"
+        elif checksums and sha256(file) != digest:
+            problems[name] = f"{file}: its sha256 differs from the manifest's (bytes changed since it was written)"
+    for file in sorted(directory.iterdir()):
+        if file.is_file() and file.name not in entries and (file.suffix == ".safetensors" or file.name in CHECKPOINT_FILES):
+            problems[file.name] = f"{file}: not in the manifest (added or replaced after the checkpoint was written)"
+    return problems
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a file; one that is not (cut short, empty, garbled) is a CheckpointError naming it."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise CheckpointError(f"{path} is not valid JSON ({'empty' if not Path(path).stat().st_size else error})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is not a JSON object (found {type(data).__name__})")
+    return data
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a damaged file (cut short, zeroed, a garbled header, bytes added) is a
+    CheckpointError naming it."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path} is damaged: {error}") from None
+
+
+def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the float tensors holding NaN or inf. A check of every tensor: one pass over the weights, cheap
+    beside reading them at these sizes, and overwritten bytes (0xFF...) read as NaN, never silently used."""
+    return [name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """read_weights, refusing tensors that hold NaN or inf (the first one named)."""
+    state = read_weights(path)
+    bad = non_finite(state)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{path}: tensor {bad[0]!r}{more} holds NaN or infinite values (damaged bytes)")
+    return state
 
 
 def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

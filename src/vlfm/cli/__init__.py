@@ -20,6 +20,8 @@ COMMANDS = {
     "classify": ("zero-shot classify images among natural-language labels", models.add_classify, models.classify_command),
     "embed": ("write normalised embeddings of images or texts to a .npy file", models.add_embed, models.embed_command),
     "info": ("describe a checkpoint: architecture, sizes, files", models.add_info, models.info_command),
+    "verify": ("check a checkpoint's files against its manifest (sizes, sha256) and every tensor for NaN / inf",
+               models.add_verify, models.verify_command),
     "convert": ("convert a checkpoint: vlfm / Hugging Face / open_clip -> vlfm or Hugging Face", models.add_convert,
                 models.convert_command),
     "data": ("data tools: shard (write WebDataset shards)", training.add_data, training.data_command),

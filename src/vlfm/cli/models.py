@@ -1,4 +1,4 @@
-"""Commands that use a trained model: `vlfm eval | classify | embed | info | convert`."""
+"""Commands that use a trained model: `vlfm eval | classify | embed | info | convert | verify`."""
 
 from __future__ import annotations
 
@@ -200,3 +200,31 @@ def convert_command(args) -> None:
     model = load(args.checkpoint, config=args.config)
     out = export_hf(model, args.out) if args.to == "hf" else model.save(args.out)
     print(f"wrote {args.to} checkpoint {out}")
+
+
+def add_verify(p) -> None:
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its model/ and every training checkpoint)")
+
+
+def verify_command(args) -> int:
+    """One line per problem (a file missing, cut short, changed since it was written, unreadable, a tensor holding
+    NaN / inf), or one line per intact checkpoint; exit 2 when anything is damaged."""
+    from vlfm.checkpoint import resolve, verify_checkpoint
+    from vlfm.io import MANIFEST
+
+    path = Path(args.checkpoint)
+    steps = sorted(p for p in (path / "checkpoints").glob("step_*") if p.is_dir()) if path.is_dir() else []
+    directories = ([path / "model"] if (path / "model").is_dir() else []) + steps
+    if not directories or (path / "config.json").is_file():
+        directories = [resolve(path)]
+    damaged = False
+    for directory in directories:
+        problems = verify_checkpoint(directory)
+        for line in problems:
+            print(line)
+        damaged |= bool(problems)
+        if not problems and directory.is_dir():
+            sums = "sizes and sha256 match manifest.json" if (directory / MANIFEST).is_file() else (
+                "no manifest.json (saved before manifests): files read, no checksums")
+            print(f"{directory}: intact ({sums}; every tensor finite)")
+    return 2 if damaged else 0

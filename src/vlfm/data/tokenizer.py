@@ -16,6 +16,8 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from vlfm.io import CheckpointError, read_json
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 
 
@@ -74,7 +76,10 @@ class Tokenizer:
         directory = Path(directory)
         special = _special_tokens(directory)
         if (directory / "tokenizer.json").is_file():
-            backend = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+            try:
+                backend = HFTokenizer.from_file(str(directory / "tokenizer.json"))
+            except Exception as error:  # the tokenizers library raises plain Exceptions for a file it cannot read
+                raise CheckpointError(f"{directory / 'tokenizer.json'} is damaged: {error}") from None
             if backend.token_to_id("<pad>") is not None:  # one of vlfm's own
                 special = {"pad_token": "<pad>", "eos_token": "<eos>", **special}
         elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
@@ -90,8 +95,11 @@ class Tokenizer:
         pad = special.get("pad_token") or special.get("eos_token")
         eos = special.get("eos_token") or special.get("sep_token")
         if pad is None:
-            raise ValueError(f"{directory}: the tokenizer names no pad token (tokenizer_config.json 'pad_token')")
-        return cls(backend, pad, eos)
+            raise CheckpointError(f"{directory}: the tokenizer names no pad token (tokenizer_config.json 'pad_token')")
+        try:
+            return cls(backend, pad, eos)
+        except ValueError as error:  # a special token the vocabulary lacks
+            raise CheckpointError(f"{directory}: {error}") from None
 
     def save(self, path: str | Path) -> None:
         self.backend.save(str(path))
@@ -145,7 +153,7 @@ def _special_tokens(directory: Path) -> dict:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = directory / name
         if path.is_file():
-            for key, value in json.loads(path.read_text()).items():
+            for key, value in read_json(path).items():
                 if isinstance(value, dict) and "content" in value:
                     value = value["content"]
                 if key.endswith("_token") and isinstance(value, str) or key == "do_lower_case":

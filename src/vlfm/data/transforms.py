@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlfm.io import CheckpointError, read_json, to_rgb
+
 INTERPOLATION = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
 
 
@@ -35,7 +37,7 @@ class Preprocess:
 
     # --- evaluation ---------------------------------------------------------------------------------
     def resize_crop(self, image: Image.Image) -> Image.Image:
-        image = image.convert("RGB")
+        image = to_rgb(image)  # 16-bit grey scaled, transparency on white (io.to_rgb)
         size, method = self.image_size, INTERPOLATION[self.interpolation]
         if self.resize_mode == "squash":
             return image.resize((size, size), method)
@@ -62,7 +64,7 @@ class Preprocess:
     # --- training -----------------------------------------------------------------------------------
     def random_resized_crop(self, image: Image.Image, rng: random.Random) -> Image.Image:
         """Crop a random area fraction in crop_scale (aspect 3/4..4/3), resize to size; optional flip."""
-        image = image.convert("RGB")
+        image = to_rgb(image)  # 16-bit grey scaled, transparency on white (io.to_rgb)
         w, h = image.size
         for _ in range(10):
             area = w * h * rng.uniform(*self.crop_scale)
@@ -83,11 +85,11 @@ class Preprocess:
 
     @classmethod
     def load(cls, path: str | Path) -> Preprocess:
-        data = json.loads(Path(path).read_text())
+        data = read_json(path)
         try:
             return cls(**data)
-        except TypeError as error:
-            raise ValueError(f"{path}: {error}") from None
+        except (TypeError, ValueError) as error:  # an unknown or missing key, a value of the wrong kind
+            raise CheckpointError(f"{path}: {error}") from None
 
 
 def to_uint8_tensor(images: list[Image.Image]) -> torch.Tensor:

@@ -7,12 +7,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from vlfm.config import from_dict, to_dict
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess
-from vlfm.io import CheckpointError, atomic_directory, load_state_strict, read_json
+from vlfm.io import (
+    CheckpointError,
+    atomic_directory,
+    load_state_strict,
+    load_weights,
+    manifest_problems,
+    read_json,
+)
 
 FORMAT_VERSION = 1
 REGISTRY: dict[str, type[SavedModel]] = {}
@@ -48,9 +55,36 @@ class SavedModel:
             self.preprocess_config.save(directory / "preprocess.json")
 
     def save(self, path: str | Path, state: dict | None = None) -> Path:
-        with atomic_directory(path) as tmp:
-            self.write_files(tmp, state)
-        return Path(path)
+        """Written whole (with manifest.json) or not at all: a failed write (a full disk) is one CheckpointError
+        saying how much space the checkpoint needs, and whatever was at `path` stays as it was."""
+        path = Path(path)
+        previous = f"the {path.name} already there" if path.exists() else None
+        try:
+            with atomic_directory(path, manifest=True) as tmp:
+                self.write_files(tmp, state)
+        except OSError as error:
+            raise write_failed(path, error, tensor_bytes(state or self.state_dict()), previous) from None
+        return path
+
+
+def tensor_bytes(*states: dict) -> int:
+    """What the tensors of state dicts take on disk (safetensors adds a small header)."""
+    return sum(t.numel() * t.element_size() for state in states for t in state.values() if hasattr(t, "numel"))
+
+
+def write_failed(path: Path, error: OSError, needed: int, previous: str | Path | None) -> CheckpointError:
+    """One line for a checkpoint that could not be written (ENOSPC or any OSError)."""
+    kept = f"; {previous} is intact" if previous else ""
+    return CheckpointError(f"could not write {path}: {error.strerror or error} (the checkpoint needs about "
+                           f"{needed / 2**20:.1f} MiB free on {path.parent}){kept}")  # fmt: skip
+
+
+def check_manifest(directory: Path, checksums: bool = False) -> None:
+    """Every file against the checkpoint's manifest.json (sizes; sha256 too with `checksums`), one CheckpointError
+    naming each damaged file; nothing to check in a directory saved before manifests."""
+    problems = manifest_problems(directory, checksums)
+    if problems:
+        raise CheckpointError("; ".join(problems.values()))
 
 
 def is_vlfm_directory(directory: Path) -> bool:
@@ -61,6 +95,7 @@ def is_vlfm_directory(directory: Path) -> bool:
 def from_directory(directory: str | Path):
     """The model saved in a vlfm checkpoint directory, of the class its config.json names, in eval mode."""
     directory = Path(directory)
+    check_manifest(directory)
     meta = read_json(directory / "config.json")
     architecture = meta.get("architecture")
     if architecture not in REGISTRY:
@@ -73,5 +108,5 @@ def from_directory(directory: str | Path):
     tokenizer = Tokenizer.from_directory(directory)
     preprocess = Preprocess.load(directory / "preprocess.json") if (directory / "preprocess.json").is_file() else None
     model = cls.build(config, tokenizer, preprocess)
-    load_state_strict(model, load_file(str(weights)), str(weights))
+    load_state_strict(model, load_weights(weights), str(weights))
     return model.eval()
