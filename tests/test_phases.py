@@ -137,7 +137,7 @@ def test_phases_and_length_buckets_are_checked():
                                ([phases + "[{steps: 1, colours: 2}]"], r"unknown config key 'stage2.phases\[0\].colours'"),
                                ([phases + "[3]"], r"stage2.phases\[0\] must be a mapping"),
                                ([phases + "{steps: 1}"], "stage2.phases must be a list"),
-                               (["data.length_buckets=0"], "length_buckets must be >= 1")]:  # fmt: skip
+                               (["data.length_buckets=0"], "length_buckets=0 is out of range: it must be >= 1")]:  # fmt: skip
         with pytest.raises(ConfigError, match=message):
             load_config(None, TINY_VLM + overrides)
     config = load_config(None, TINY_VLM + ["stage2.steps=9", phases + "[{steps: 2, objects: 1}, {start: 4, steps: 3, "

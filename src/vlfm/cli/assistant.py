@@ -5,7 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from vlfm.cli.common import add_max_pixels
+from vlfm.cli.common import (
+    add_max_pixels,
+    non_negative_float,
+    non_negative_int,
+    open_unit_float,
+    positive_int,
+    text,
+)
 from vlfm.io import UsageError, open_image
 
 
@@ -13,15 +20,15 @@ def add_chat(p) -> None:
     p.add_argument("checkpoint", help="a VLM run or checkpoint directory (configs/shapes-vlm.yaml trains one)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="the image to talk about")
-    source.add_argument("--scene", type=int, metavar="N",
+    source.add_argument("--scene", type=non_negative_int, metavar="N",
                         help="render scene N of the built-in world's unseen split (saved as --save), ask its questions "
                              "and print each answer beside the truth")  # fmt: skip
     p.add_argument("--save", default="scene.png", help="--scene: where the rendered image is written")
-    p.add_argument("--prompt", help="ask this once and exit (default: read questions from stdin until empty/EOF)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    p.add_argument("--prompt", type=text, help="ask this once and exit (default: read questions from stdin until empty/EOF)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=open_unit_float, default=1.0)
+    p.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed (temperature > 0)")
     add_max_pixels(p, "--image: an image")
 
 

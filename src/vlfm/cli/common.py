@@ -1,8 +1,11 @@
-"""What the command modules share: checking a loaded model's kind, printing metrics, the --max-pixels flag."""
+"""What the command modules share: checking a loaded model's kind, printing metrics, the --max-pixels flag, and
+argparse types that check a flag's range."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 
 from vlfm.io import MAX_PIXELS, UsageError
 
@@ -23,5 +26,42 @@ def print_json(metrics: dict) -> None:
 
 def add_max_pixels(p, what: str = "images") -> None:
     """--max-pixels: the pixel cap io.read_image checks from an image's header before decoding it."""
-    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+    p.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS, metavar="N",
                    help=f"{what} whose header claims more pixels are refused (default {MAX_PIXELS:_})")
+
+
+def _number(kind, rule: str, within):
+    """An argparse `type=`: a finite int or float within `rule`; otherwise argparse's one-line error, exit 2."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not (math.isfinite(value) and within(value)):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {rule}")
+        return value
+
+    parse.__name__ = f"{kind.__name__} {rule}"
+    return parse
+
+
+positive_int = _number(int, ">= 1", lambda v: v >= 1)
+non_negative_int = _number(int, ">= 0", lambda v: v >= 0)
+positive_float = _number(float, "> 0", lambda v: v > 0)
+non_negative_float = _number(float, ">= 0", lambda v: v >= 0)
+unit_float = _number(float, "in [0, 1]", lambda v: 0 <= v <= 1)
+open_unit_float = _number(float, "in (0, 1]", lambda v: 0 < v <= 1)  # a probability mass such as top-p
+world_image_size = _number(int, ">= 32 (the built-in world draws shapes at 32 px or more)", lambda v: v >= 32)
+
+
+def text(value: str) -> str:
+    """An argparse `type=` for a query, prompt or label list: not empty, not only whitespace."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty or only whitespace")
+    return value
+
+
+def unit_floats(value: str) -> list[float]:
+    """An argparse `type=`: comma-separated numbers, each in [0, 1] (e.g. WiSE-FT's mixing alphas)."""
+    return [unit_float(item.strip()) for item in value.split(",")]

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from vlfm.cli.assistant import describe, eval_vlm
-from vlfm.cli.common import add_max_pixels, print_json, two_tower
+from vlfm.cli.common import add_max_pixels, positive_int, print_json, text, two_tower
 from vlfm.io import UsageError, open_image
 
 
@@ -21,9 +21,9 @@ def add_eval(p) -> None:
                    help="linear_probe: which frozen image features")
     p.add_argument("--csv", default="runs/eval_results.csv", help="a row per (model, dataset, task) is appended here")
     p.add_argument("--out", help="where to write the JSON (default: beside the checkpoint)")
-    p.add_argument("--retrieval-size", type=int, default=1000, help="world: held-out scenes for retrieval")
-    p.add_argument("--classify-size", type=int, default=500, help="world: single-object scenes per zero-shot set")
-    p.add_argument("--vqa-size", type=int, default=300, help="world, VLM checkpoints: unseen scenes for VQA (vqa_acc)")
+    p.add_argument("--retrieval-size", type=positive_int, default=1000, help="world: held-out scenes for retrieval")
+    p.add_argument("--classify-size", type=positive_int, default=500, help="world: single-object scenes per zero-shot set")
+    p.add_argument("--vqa-size", type=positive_int, default=300, help="world, VLM checkpoints: unseen scenes for VQA (vqa_acc)")
 
 
 def eval_command(args) -> None:
@@ -73,7 +73,7 @@ def eval_command(args) -> None:
 def add_classify(p) -> None:
     p.add_argument("checkpoint")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--labels", required=True, help='comma-separated labels, e.g. "a red circle,a blue square"')
+    p.add_argument("--labels", type=text, required=True, help='comma-separated labels, e.g. "a red circle,a blue square"')
     p.add_argument("--templates", help='comma-separated prompt templates with {}, e.g. "a photo of {}"')
     add_max_pixels(p)
 
@@ -81,7 +81,9 @@ def add_classify(p) -> None:
 def classify_command(args) -> None:
     from vlfm.checkpoint import load
 
-    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    labels = [label.strip() for label in args.labels.split(",")]
+    if not all(labels):
+        raise UsageError(f"--labels {args.labels!r} holds an empty label; separate labels with single commas")
     if len(labels) < 2:
         raise UsageError("--labels needs at least two comma-separated labels")
     templates = [t.strip() for t in args.templates.split(",")] if args.templates else None
@@ -103,8 +105,8 @@ def add_embed(p) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="folder of images (sorted by name; undecodable ones are skipped)")
     source.add_argument("--texts", help="text file, one text per line")
-    p.add_argument("--out", required=True, help="output .npy (a .txt beside it lists the rows)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--out", required=True, help="output .npy (.npy is added if missing; a .txt beside it lists the rows)")
+    p.add_argument("--batch-size", type=positive_int, default=256)
     add_max_pixels(p, "--images: images (skipped and counted)")
 
 
@@ -141,6 +143,8 @@ def embed_command(args) -> None:
             raise UsageError(f"{args.images} holds no readable images")
         embeddings = model.embed_images(images, args.batch_size)
     out = Path(args.out)
+    if out.suffix != ".npy":  # np.save would add it: name the file actually written
+        out = out.with_name(out.name + ".npy")
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, embeddings.cpu().numpy().astype(np.float32))
     out.with_suffix(".txt").write_text("\n".join(rows) + "\n")

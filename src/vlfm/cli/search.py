@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlfm.cli.common import add_max_pixels, two_tower
+from vlfm.cli.common import add_max_pixels, positive_int, text, two_tower
 from vlfm.io import UsageError, open_image
 
 
@@ -16,24 +16,24 @@ def add_index(p) -> None:
     b.add_argument("--out", required=True, help="index directory (index.faiss + meta.sqlite)")
     b.add_argument("--kind", choices=("flat", "hnsw", "ivfpq"), default="flat",
                    help="flat: exact inner product (default); hnsw: graph; ivfpq: compressed, for millions")
-    b.add_argument("--hnsw-m", type=int, default=32, help="hnsw: neighbours per node")
-    b.add_argument("--nlist", type=int, default=1024, help="ivfpq: inverted lists (needs >= 39 x nlist images)")
-    b.add_argument("--pq-m", type=int, default=16, help="ivfpq: sub-quantizers (must divide the embedding size)")
+    b.add_argument("--hnsw-m", type=positive_int, default=32, help="hnsw: neighbours per node")
+    b.add_argument("--nlist", type=positive_int, default=1024, help="ivfpq: inverted lists (needs >= 39 x nlist images)")
+    b.add_argument("--pq-m", type=positive_int, default=16, help="ivfpq: sub-quantizers (must divide the embedding size)")
     a = isub.add_parser("add", help="append images to an index without a rebuild (paths already in it are skipped)")
     a.add_argument("index")
     for q in (b, a):
         source = q.add_mutually_exclusive_group(required=True)
         source.add_argument("--images", help="folder of images (undecodable ones are skipped and counted)")
         source.add_argument("--captions", help="caption file (.csv/.tsv/.jsonl with filepath, caption): captions are stored")
-        q.add_argument("--batch-size", type=int, default=256)
+        q.add_argument("--batch-size", type=positive_int, default=256)
         add_max_pixels(q, "images (skipped and counted)")
 
 
 def add_search(p) -> None:
     p.add_argument("index")
-    p.add_argument("text", nargs="?", help='the query, e.g. "a red circle"')
+    p.add_argument("text", nargs="?", type=text, help='the query, e.g. "a red circle"')
     p.add_argument("--image", help="an image as the query instead of a text")
-    p.add_argument("-k", type=int, default=10, help="number of hits")
+    p.add_argument("-k", type=positive_int, default=10, help="number of hits")
     p.add_argument("--sheet", help="also write the hits as a contact-sheet PNG")
     p.add_argument("--checkpoint", help="embed the query with this model (default: the one that built the index)")
     add_max_pixels(p, "--image: an image")

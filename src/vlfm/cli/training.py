@@ -6,7 +6,16 @@ import json
 import os
 from pathlib import Path
 
-from vlfm.cli.common import add_max_pixels, print_json, two_tower
+from vlfm.cli.common import (
+    add_max_pixels,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    print_json,
+    two_tower,
+    unit_floats,
+    world_image_size,
+)
 from vlfm.io import UsageError
 
 
@@ -35,13 +44,13 @@ def add_adapt(p) -> None:
     p.add_argument("checkpoint", help="a two-tower model: the zero-shot classifier it gives is the starting point")
     p.add_argument("--dataset", required=True, help="shapes | digits | lfw_subset | a folder of class folders")
     p.add_argument("--out", required=True, help="directory for zeroshot/, model/, adapter/ (LoRA), results.json, mix.png")
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, help="default 1e-3 (full) or 3e-3 (LoRA)")
-    p.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning; R: LoRA of rank R (peft)")
-    p.add_argument("--lora-alpha", type=int, default=16)
-    p.add_argument("--mix", help="WiSE-FT: comma-separated alphas to evaluate, e.g. 0,0.25,0.5,0.75,1 (plot: mix.png)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=positive_int, default=600)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, help="default 1e-3 (full) or 3e-3 (LoRA)")
+    p.add_argument("--lora-rank", type=non_negative_int, default=0, help="0: full fine-tuning; R: LoRA of rank R (peft)")
+    p.add_argument("--lora-alpha", type=positive_int, default=16)
+    p.add_argument("--mix", type=unit_floats, help="WiSE-FT: comma-separated alphas to evaluate, e.g. 0,0.25,0.5,0.75,1 (plot: mix.png)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
 
 
 def adapt_command(args) -> None:
@@ -51,7 +60,7 @@ def adapt_command(args) -> None:
     from vlfm.data.datasets import load_dataset
 
     try:
-        alphas = [float(a) for a in args.mix.split(",")] if args.mix else None
+        alphas = args.mix
         data = load_dataset(args.dataset)
     except ValueError as error:
         raise UsageError(str(error)) from None
@@ -70,10 +79,10 @@ def add_data(p) -> None:
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="shard")
     d = dsub.add_parser("shard", help="write image + caption pairs into WebDataset .tar shards")
     d.add_argument("source", nargs="?", help="a folder of images (captions from same-named .txt files) or a caption file")
-    d.add_argument("--world", type=int, metavar="N", help="instead of SOURCE: N scenes of the built-in world, one caption each")
-    d.add_argument("--image-size", type=int, default=64, help="--world: image size in pixels")
+    d.add_argument("--world", type=positive_int, metavar="N", help="instead of SOURCE: N scenes of the built-in world, one caption each")
+    d.add_argument("--image-size", type=world_image_size, default=64, help="--world: image size in pixels")
     d.add_argument("--out", required=True, help="directory for shard-000000.tar, ...")
-    d.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    d.add_argument("--maxcount", type=positive_int, default=1000, help="samples per shard")
     add_max_pixels(d, "images (skipped and counted as oversized)")
 
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from vlfm.config.base import apply_overrides, check_choice, from_dict, to_dict
+from vlfm.config.base import apply_overrides, check_choice, from_dict, parse_yaml, to_dict
 from vlfm.config.model import (
     ACTIVATIONS,
     ClassifierConfig,
@@ -46,7 +44,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist (presets live in configs/)")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text(errors="replace"), str(path)) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a YAML mapping")
         data.setdefault("name", path.stem)

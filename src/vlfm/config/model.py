@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from vlfm.config.base import check_choice
+from vlfm.config.base import check_choice, check_ranges
 from vlfm.io import ConfigError
 
 ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh", "relu", "silu")
@@ -26,7 +27,11 @@ class VisionConfig:
     pool: str = "mean"  # cls | mean | map (attention pooling with a learned probe)
     proj: bool = True  # a Linear (no bias) from width to model.embed_dim; false: width is the embedding (SigLIP)
 
+    RANGES: ClassVar[dict[str, str]] = {"image_size": ">= 1", "patch_size": ">= 1", "width": ">= 1", "layers": ">= 1",
+                                        "heads": ">= 1", "mlp_ratio": "> 0", "norm_eps": "> 0"}  # fmt: skip
+
     def __post_init__(self):
+        check_ranges(self, "model.vision.", self.RANGES)
         check_choice("vision.pool", self.pool, ("cls", "mean", "map"))
         check_choice("vision.stem", self.stem, ("patch", "conv"))
         check_choice("vision.act", self.act, ACTIVATIONS)
@@ -59,7 +64,12 @@ class TextConfig:
     proj: bool = True  # a Linear from width to model.embed_dim; false: width is the embedding
     proj_bias: bool = False  # SigLIP's text head has a bias
 
+    RANGES: ClassVar[dict[str, str]] = {"vocab_size": ">= 1", "context_length": ">= 1", "width": ">= 1", "layers": ">= 1",
+                                        "heads": ">= 1", "mlp_ratio": "> 0", "norm_eps": "> 0", "eos_token_id": ">= 0",
+                                        "pad_token_id": ">= 0"}  # fmt: skip
+
     def __post_init__(self):
+        check_ranges(self, "model.text.", self.RANGES)
         check_choice("text.pool", self.pool, ("eos", "last", "mean", "first", "argmax", "end"))
         check_choice("text.norm", self.norm, ("pre", "post"))
         check_choice("text.act", self.act, ACTIVATIONS)
@@ -83,6 +93,7 @@ class ModelConfig:
 
     def __post_init__(self):
         check_choice("model.kind", self.kind, ("clip", "siglip"))
+        check_ranges(self, "model.", {"embed_dim": ">= 1", "max_logit_scale": ">= 0"})
         for name in ("vision", "text"):
             tower = getattr(self, name)
             if not tower.proj and tower.width != self.embed_dim:
@@ -121,7 +132,13 @@ class LMConfig:
     eos_token_id: int | None = 2
     pad_token_id: int | None = 0
 
+    RANGES: ClassVar[dict[str, str]] = {"vocab_size": ">= 1", "width": ">= 1", "layers": ">= 1", "heads": ">= 1",
+                                        "kv_heads": ">= 1", "head_dim": ">= 1", "mlp_width": ">= 1", "norm_eps": "> 0",
+                                        "rope_theta": "> 0", "max_positions": ">= 1", "bos_token_id": ">= 0",
+                                        "eos_token_id": ">= 0", "pad_token_id": ">= 0"}  # fmt: skip
+
     def __post_init__(self):
+        check_ranges(self, "model.lm.", self.RANGES)
         if self.heads % self.kv_heads:
             raise ConfigError(f"lm.heads {self.heads} is not a multiple of lm.kv_heads {self.kv_heads}")
         if self.head_dim is None and self.width % self.heads:
@@ -150,6 +167,7 @@ class VLMConfig:
 
     def __post_init__(self):
         check_choice("model.projector", self.projector, ("linear", "mlp2x_gelu", "pixel_shuffle"))
+        check_ranges(self, "model.", {"shuffle_factor": ">= 1", "image_token_id": ">= 0"})
         if self.feature_layer == 0 or abs(self.feature_layer) > self.vision.layers:
             raise ConfigError(f"model.feature_layer={self.feature_layer} must name one of the "
                               f"{self.vision.layers} vision blocks (1..{self.vision.layers} or -1..-{self.vision.layers})")

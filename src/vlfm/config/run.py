@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-from vlfm.config.base import check_choice
+from vlfm.config.base import check_choice, check_name, check_ranges
 from vlfm.config.model import ModelConfig
 from vlfm.data.shapes import WorldConfig
 from vlfm.io import MAX_PIXELS, ConfigError
@@ -32,11 +33,11 @@ class DataConfig:
     max_pixels: int = MAX_PIXELS  # images whose header claims more pixels are skipped and counted (io.read_image)
 
     def __post_init__(self):
+        check_ranges(self, "data.", {"train_size": ">= 1", "eval_size": ">= 0", "classify_size": ">= 0", "workers": ">= 0",
+                                     "shuffle_buffer": ">= 0"})  # fmt: skip
         if self.stream and (self.source == "shapes" or Path(self.source).suffix in (".csv", ".tsv", ".jsonl", ".json")):
             raise ConfigError(f"data.stream=true reads WebDataset shards, but data.source={self.source!r} is not shards; "
                               "write some with `vlfm data shard` and point data.source at them, or set data.stream=false")
-        if self.workers < 0:
-            raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
 
 
 @dataclass
@@ -59,9 +60,14 @@ class TrainSettings:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, slower
 
+    RANGES: ClassVar[dict[str, str]] = {"grad_accum": ">= 1", "min_lr_ratio": "in [0, 1]", "weight_decay": ">= 0",
+                                        "betas": "in [0, 1)", "eps": "> 0", "clip_grad": ">= 0", "eval_every": ">= 0",
+                                        "save_every": ">= 0", "log_every": ">= 1", "seed": ">= 0", "threads": ">= 0"}  # fmt: skip
+
     def __post_init__(self):
         check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
         self.betas = tuple(self.betas)
+        check_ranges(self, "train.", self.RANGES)
 
 
 @dataclass
@@ -73,6 +79,9 @@ class TrainConfig(TrainSettings):
     lr: float = 1e-3
     warmup_steps: int = 100
 
+    RANGES: ClassVar[dict[str, str]] = {**TrainSettings.RANGES, "steps": ">= 1", "batch_size": ">= 1", "lr": ">= 0",
+                                        "warmup_steps": ">= 0"}  # fmt: skip
+
 
 @dataclass
 class ContrastiveTrainConfig(TrainConfig):
@@ -83,6 +92,8 @@ class ContrastiveTrainConfig(TrainConfig):
     lock_text: bool = False  # LiT: the text tower (from model.text_init) stays frozen; only the image side learns
     loss_chunk: int = 0  # > 0: the contrastive loss over blocks of this many texts (O(B x chunk) memory); 0: full matrix
     gradcache: bool = False  # grad_accum micro-batches share one loss over the whole batch (GradCache)
+
+    RANGES: ClassVar[dict[str, str]] = {**TrainConfig.RANGES, "logit_lr_mult": ">= 0", "loss_chunk": ">= 0"}
 
     def __post_init__(self):
         super().__post_init__()
@@ -110,6 +121,9 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: ContrastiveTrainConfig = field(default_factory=ContrastiveTrainConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __post_init__(self):
+        check_name("name", self.name)
 
     @property
     def run_dir(self) -> Path:

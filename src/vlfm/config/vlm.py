@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
+from vlfm.config.base import check_name, check_ranges
 from vlfm.config.model import VLMConfig
 from vlfm.config.run import TrainSettings
 from vlfm.data.shapes import WorldConfig
@@ -62,6 +64,10 @@ class StageConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj",
                                                              "gate_proj", "up_proj", "down_proj"])
 
+    RANGES: ClassVar[dict[str, str]] = {"steps": ">= 0", "batch_size": ">= 1", "lr": ">= 0", "lm_lr": ">= 0",
+                                        "vision_lr": ">= 0", "warmup_steps": ">= 0", "lora_rank": ">= 0",
+                                        "lora_alpha": "> 0"}  # fmt: skip
+
     @property
     def phase_windows(self) -> list[tuple[int, int]]:
         """[start, end) steps of each phase."""
@@ -86,6 +92,11 @@ class VLMDataConfig:
     workers: int = 2
     max_pixels: int = MAX_PIXELS  # LLaVA images whose header claims more pixels are skipped and counted
 
+    def __post_init__(self):
+        check_ranges(self, "data.", {"train_size": ">= 1", "eval_size": ">= 1", "text_size": ">= 1", "max_length": ">= 1",
+                                     "max_turns": ">= 1", "count_questions": ">= 0", "length_buckets": ">= 1",
+                                     "workers": ">= 0"})  # fmt: skip
+
 
 @dataclass
 class VLMRunConfig:
@@ -103,10 +114,9 @@ class VLMRunConfig:
     stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=1000, lr=2e-4))
 
     def __post_init__(self):
-        if self.data.count_questions is not None and self.data.count_questions < 0:
-            raise ConfigError(f"data.count_questions must be >= 0 or null (all), got {self.data.count_questions}")
-        if self.data.length_buckets < 1:
-            raise ConfigError(f"data.length_buckets must be >= 1 (1: one padded batch), got {self.data.length_buckets}")
+        check_name("name", self.name)
+        for stage in (0, 1, 2):
+            check_ranges(getattr(self, f"stage{stage}"), f"stage{stage}.", StageConfig.RANGES)
         for stage in (0, 1):
             if getattr(self, f"stage{stage}").phases:
                 raise ConfigError(f"stage{stage}.phases: only stage 2 has data phases")

@@ -21,6 +21,7 @@ import numpy as np
 from vlfm.data.shapes import Scene
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.world_text import captions, question_kind, questions
+from vlfm.io import UsageError
 
 log = logging.getLogger("vlfm")
 
@@ -174,15 +175,19 @@ def read_llava_json(path: str | Path, image_root: str | Path | None = None) -> t
     if not path.is_file():
         raise FileNotFoundError(f"conversation file {str(path)!r} does not exist")
     root = Path(image_root) if image_root is not None else path.parent
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
     if path.suffix == ".jsonl":
-        raw = [_json_or_none(line) for line in path.read_text().splitlines() if line.strip()]
+        raw = [_json_or_none(line) for line in text.splitlines() if line.strip()]
     else:
         try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON ({error}); LLaVA files hold a list of records") from None
+            raw = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as error:
+            raise UsageError(f"{path} is not valid JSON ({error}); LLaVA files hold a list of records") from None
         if not isinstance(raw, list):
-            raise ValueError(f"{path} holds a JSON {type(raw).__name__}; LLaVA files hold a list of records")
+            raise UsageError(f"{path} holds a JSON {type(raw).__name__}; LLaVA files hold a list of records")
     records, problems = [], []
     for index, item in enumerate(raw):
         record = _record(item, root, f"{path} record {index}")
@@ -191,7 +196,7 @@ def read_llava_json(path: str | Path, image_root: str | Path | None = None) -> t
         else:
             problems.append(f"record {index}: {record}")
     if raw and not records:
-        raise ValueError(f"none of the {len(raw)} records in {path} is usable (first: {problems[0]})")
+        raise UsageError(f"none of the {len(raw)} records in {path} is usable (first: {problems[0]})")
     if problems:
         log.warning("%s: skipped %d of %d records as malformed, e.g. %s", path, len(problems), len(raw),
                     problems[0])
@@ -201,7 +206,7 @@ def read_llava_json(path: str | Path, image_root: str | Path | None = None) -> t
 def _json_or_none(line: str):
     try:
         return json.loads(line)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None  # counted as malformed with the other bad records
 
 
@@ -214,11 +219,14 @@ def _record(item, root: Path, where: str) -> Record | str:
         if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
             return "a turn without a 'from' role and a 'value' text"
         if turn["from"] not in LLAVA_ROLES:
-            raise ValueError(f"{where}: unknown role {turn['from']!r}; known roles: {', '.join(LLAVA_ROLES)}")
+            raise UsageError(f"{where}: unknown role {turn['from']!r}; known roles: {', '.join(LLAVA_ROLES)}")
         conversation.append((LLAVA_ROLES[turn["from"]], turn["value"]))
     image = None if item.get("image") is None else root / str(item["image"])
-    if image is not None and not image.is_file():
-        return f"image file {image} is missing"
+    try:
+        if image is not None and not image.is_file():
+            return f"image file {image} is missing"
+    except (OSError, ValueError):  # a name too long, a NUL byte
+        return f"image {str(item['image'])[:80]!r} is not a usable file name"
     placeholders, images = sum(text.count(IMAGE_TOKEN) for _, text in conversation), int(image is not None)
     if placeholders != images:
         return f"{placeholders} {IMAGE_TOKEN} placeholder(s) for {images} image(s)"

@@ -92,7 +92,7 @@ class WorldConfig:
         n_counts = self.max_objects - self.min_objects + 1
         if self.object_weights is not None:
             w = list(self.object_weights)
-            if len(w) != n_counts or any(x < 0 for x in w) or sum(w) <= 0:
+            if len(w) != n_counts or not all(isinstance(x, (int, float)) and 0 <= x < float("inf") for x in w) or sum(w) <= 0:
                 raise ValueError(
                     f"world.object_weights={w} must hold {n_counts} non-negative weights (one per object count "
                     f"{self.min_objects}..{self.max_objects}) with a positive sum"

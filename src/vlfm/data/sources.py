@@ -7,6 +7,7 @@ no usable rows fails early with a message that names the problem.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from vlfm.data.transforms import Preprocess, to_uint8_tensor
-from vlfm.io import MAX_PIXELS, ImageError, read_image
+from vlfm.io import MAX_PIXELS, ImageError, UsageError, read_image
 
 log = logging.getLogger("vlfm")
 
@@ -55,21 +56,43 @@ def read_caption_file(path: str | Path, image_column: str = "filepath", caption_
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"caption file {str(path)!r} does not exist")
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        columns = set().union(*(row.keys() for row in rows)) if rows else set()
-    elif path.suffix in (".csv", ".tsv"):
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ",")
-            rows, columns = list(reader), set(reader.fieldnames or [])
-    else:
-        raise ValueError(f"{path}: caption files must be .csv, .tsv or .jsonl")
+    if path.suffix not in (".jsonl", ".csv", ".tsv"):
+        raise UsageError(f"{path}: caption files must be .csv, .tsv or .jsonl")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    rows, columns = _jsonl_rows(path, text) if path.suffix == ".jsonl" else _csv_rows(path, text)
     missing = [c for c in (image_column, caption_column) if c not in columns]
     if missing:
-        raise ValueError(f"{path} lacks column(s) {', '.join(missing)} (found: {', '.join(sorted(columns)) or 'none'})")
+        raise UsageError(f"{path} lacks column(s) {', '.join(missing)} (found: {', '.join(sorted(columns)) or 'none'})")
     if not rows:
-        raise ValueError(f"{path} has no rows")
+        raise UsageError(f"{path} has no rows")
+    short = next((i for i, row in enumerate(rows) if row.get(image_column) is None or row.get(caption_column) is None), None)
+    if short is not None:
+        raise UsageError(f"{path} row {short + 1} has no {image_column} or {caption_column} value")
     return [(path.parent / str(row[image_column]), str(row[caption_column])) for row in rows]
+
+
+def _jsonl_rows(path: Path, text: str) -> tuple[list[dict], set[str]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except (json.JSONDecodeError, RecursionError) as error:
+                raise UsageError(f"{path} line {number} is not valid JSON ({error})") from None
+            if not isinstance(rows[-1], dict):
+                raise UsageError(f"{path} line {number} is a JSON {type(rows[-1]).__name__}, not an object")
+    return rows, set().union(*(row.keys() for row in rows))
+
+
+def _csv_rows(path: Path, text: str) -> tuple[list[dict], set[str]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
+    try:
+        return list(reader), set(reader.fieldnames or [])
+    except csv.Error as error:
+        raise UsageError(f"{path} line {reader.line_num} is not valid {path.suffix[1:].upper()} ({error})") from None
 
 
 def load_image_text(rows: list[tuple[Path, str]], preprocess: Preprocess, max_pixels: int = MAX_PIXELS) -> ImageTextData:

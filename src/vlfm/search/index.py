@@ -89,12 +89,9 @@ class SearchIndex:
         directory = Path(directory)
         if not (directory / "meta.sqlite").is_file():
             raise SearchError(f"{directory} is not an index (no meta.sqlite); build one with `vlfm index build`")
-        db = sqlite3.connect(directory / "meta.sqlite")
-        info = dict(db.execute("SELECT key, value FROM info").fetchall())
-        faiss = _faiss()
-        index = faiss.read_index(str(directory / "index.faiss")) if (directory / "index.faiss").is_file() else _new_faiss(info)
-        held = set(faiss.vector_to_array(index.id_map).tolist()) if index.ntotal else set()
-        rows = {row for (row,) in db.execute("SELECT id FROM items")}
+        db, info, rows = _read_meta(directory / "meta.sqlite")
+        index = _read_faiss(directory / "index.faiss", info)
+        held = set(_faiss().vector_to_array(index.id_map).tolist()) if index.ntotal else set()
         if rows - held:  # committed rows whose vectors never reached the FAISS file: redo them
             log.warning("%s: %d rows without vectors (an interrupted build) are dropped and will be redone",
                         directory, len(rows - held))  # fmt: skip
@@ -192,6 +189,36 @@ class SearchIndex:
         query = f"SELECT id, path, caption FROM items WHERE id IN ({','.join('?' * len(wanted))})"
         rows = {i: (p, c) for i, p, c in self.db.execute(query, wanted)}
         return [[Hit(float(s), int(i), *rows[int(i)]) for s, i in zip(srow, irow) if i >= 0] for srow, irow in zip(scores, ids)]
+
+
+def _read_meta(path: Path) -> tuple[sqlite3.Connection, dict[str, str], set[int]]:
+    """meta.sqlite's connection, info and row ids; a truncated or foreign file is one SearchError naming it."""
+    try:
+        db = sqlite3.connect(path)
+        info = dict(db.execute("SELECT key, value FROM info").fetchall())
+        rows = {row for (row,) in db.execute("SELECT id FROM items")}
+    except sqlite3.Error as error:
+        raise SearchError(f"{path} is not a readable index database ({error}); rebuild the index") from None
+    missing = [key for key in ("model_path", "model_fingerprint", "dim", "kind", "hnsw_m", "nlist", "pq_m") if key not in info]
+    if missing or info.get("kind") not in KINDS or not str(info.get("dim")).isdigit():
+        raise SearchError(f"{path} is not a vlfm index database (info lacks or garbles {', '.join(missing) or 'kind/dim'}); "
+                          "rebuild the index")  # fmt: skip
+    return db, info, rows
+
+
+def _read_faiss(path: Path, info: dict[str, str]):
+    """index.faiss (none yet: a new empty index); truncated or garbage: one SearchError naming the file."""
+    faiss = _faiss()
+    if not path.is_file():
+        return _new_faiss(info)
+    try:
+        index = faiss.read_index(str(path))
+    except (RuntimeError, MemoryError) as error:
+        reason = next((line for line in str(error).splitlines() if "Error" in line or "error" in line), "unreadable")
+        raise SearchError(f"{path} is truncated or not a FAISS index ({reason.strip()[:200]}); rebuild the index") from None
+    if not isinstance(index, faiss.IndexIDMap2) or index.d != int(info["dim"]):
+        raise SearchError(f"{path} is not this index's vectors (expected {info['dim']}-d vectors with ids); rebuild the index")
+    return index
 
 
 def _new_faiss(info: dict[str, str]):
