@@ -149,6 +149,26 @@ def test_data_max_pixels_reaches_training_data(tmp_path):
     assert load_training_data(config, Preprocess(image_size=32)).captions == [["a"], ["b"]]
 
 
+def test_llava_json_skips_and_counts_bombs(tmp_path):
+    from vlfm.data.stage_data import llava_pairs
+
+    Image.new("RGB", (40, 40), "red").save(tmp_path / "ok.png")
+    (tmp_path / "bomb.png").write_bytes(claimed_png(30000, 30000))
+    turns = [{"from": "human", "value": "<image>\nwhat colour?"}, {"from": "gpt", "value": "red"}]
+    records = [{"id": str(i), "image": name, "conversations": turns} for i, name in enumerate(("ok.png", "bomb.png"))]
+    (tmp_path / "chat.json").write_text(json.dumps(records))
+    pixels, pairs = llava_pairs(str(tmp_path / "chat.json"), None, Preprocess(image_size=16))
+    assert pixels.shape == (1, 3, 16, 16) and len(pairs) == 1
+    assert len(llava_pairs(str(tmp_path / "chat.json"), None, Preprocess(image_size=16), max_pixels=100)[1]) == 0
+
+
+def test_preprocess_converts_open_images_the_same_way():
+    preprocess = Preprocess(image_size=4)
+    assert tuple(np.asarray(preprocess.resize_crop(Image.new("RGBA", (8, 8), (255, 0, 0, 0))))[0, 0]) == BACKGROUND
+    grey = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))
+    assert np.asarray(preprocess.resize_crop(grey))[0, 0].tolist() == [128, 128, 128]
+
+
 def one_line_error(capsys, argv, match):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
