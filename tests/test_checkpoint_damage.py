@@ -16,6 +16,7 @@ import vlfm
 from vlfm.checkpoint import (
     latest_intact_checkpoint,
     load_training_checkpoint,
+    make_room,
     prune_checkpoints,
     save_training_checkpoint,
     verify_checkpoint,
@@ -287,3 +288,14 @@ def test_prune_never_removes_the_protected_checkpoint(trained_run, tmp_path):
     removed = prune_checkpoints(root, keep=1, protect=root / "step_00000001")
     assert sorted(p.name for p in removed) == [".step_00000004.tmp", "step_00000002"]
     assert sorted(p.name for p in root.iterdir()) == ["step_00000001", "step_00000003"]
+
+
+def test_make_room_prunes_all_but_the_last_intact_when_space_is_short(trained_run, tmp_path, monkeypatch):
+    model, optimizer = training_run(trained_run, tmp_path, steps=3)
+    root = tmp_path / "checkpoints"
+    needed = make_room(root, model, optimizer, protect=root / "step_00000002")
+    assert needed > (root / "step_00000001" / "model.safetensors").stat().st_size
+    assert len(list(root.iterdir())) == 3  # enough space: nothing removed
+    monkeypatch.setattr("vlfm.checkpoint.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(1, 1, needed - 1))
+    make_room(root, model, optimizer, protect=root / "step_00000002")
+    assert [p.name for p in root.iterdir()] == ["step_00000002"]

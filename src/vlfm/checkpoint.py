@@ -221,3 +221,18 @@ def prune_checkpoints(directory: str | Path, keep: int, protect: Path | None = N
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
+
+
+def make_room(directory: str | Path, model, optimizer, protect: Path | None = None) -> int:
+    """Before a training checkpoint is written to `directory`: when its disk has less free space than the
+    checkpoint needs (weights plus optimizer tensors, 10% to spare), remove every checkpoint there but `protect`
+    (the last intact one) and leftover temporaries. Returns the bytes needed (for the caller's messages)."""
+    directory = Path(directory)
+    moments = [t for values in optimizer.state_dict()["state"].values() for t in values.values() if torch.is_tensor(t)]
+    needed = int(tensor_bytes(model.state_dict(), dict(enumerate(moments))) * 1.1)
+    free = shutil.disk_usage(directory if directory.is_dir() else directory.parent).free
+    if free < needed:
+        removed = prune_checkpoints(directory, keep=0, protect=protect)
+        log.warning("%.1f MiB free where a checkpoint needs %.1f MiB: removed %s (kept %s)", free / 2**20,
+                    needed / 2**20, ", ".join(p.name for p in removed) or "nothing", protect and Path(protect).name)  # fmt: skip
+    return needed
