@@ -62,7 +62,7 @@ GRADCACHE_LOCAL = ["train.batch_size=16", "train.grad_accum=2", "train.gradcache
 
 @pytest.mark.parametrize("strategy, extra", [("ddp", []), ("fsdp", []), ("ddp", GRADCACHE_LOCAL)],
                          ids=["ddp", "fsdp", "ddp-gradcache-local-loss"])
-def test_two_ranks_train_like_one_process(tmp_path, single, strategy, extra):
+def test_two_ranks_train_like_one_process(tmp_path, single, strategy, extra, caplog):
     """The global batch of 32 (16 rows a rank; with GradCache 2 micro-batches of 8 a rank) gives the weights
     and logged losses of one process on batch 32."""
     result = torchrun(tmp_path, strategy, f"distributed.strategy={strategy}", *extra)
@@ -81,8 +81,10 @@ def test_two_ranks_train_like_one_process(tmp_path, single, strategy, extra):
         final = weights(run_dir)
         for later in ("model", "checkpoints/step_00000006", "eval.json"):
             shutil.rmtree(run_dir / later) if (run_dir / later).is_dir() else (run_dir / later).unlink()
-        run(tiny_config(tmp_path, *QUICK, name=strategy), resume=True)
-        assert logged_steps(run_dir) == [2, 4, 6, 4, 6]  # continued from step 3, not from scratch
+        with caplog.at_level("INFO", logger="vlfm"):
+            run(tiny_config(tmp_path, *QUICK, name=strategy), resume=True)
+        assert logged_steps(run_dir) == [2, 4, 6]  # the rows after step 3 dropped, then logged again
+        assert "resumed from" in caplog.text and "step_00000003" in caplog.text  # not from scratch
         assert max_difference(weights(run_dir), final) <= TOLERANCE
 
 
@@ -126,6 +128,7 @@ def test_one_process_checkpoint_resumes_on_two_fsdp_ranks(tmp_path, single):
         shutil.rmtree(tmp_path / "resumed" / later)
     result = torchrun(tmp_path, "resumed", "distributed.strategy=fsdp", flags=["--resume"])
     assert result.returncode == 0, result.stderr[-3000:]
-    assert logged_steps(tmp_path / "resumed") == [2, 4, 6, 4, 6]  # continued from step 3, not from scratch
+    assert logged_steps(tmp_path / "resumed") == [2, 4, 6]  # the rows after step 3 dropped, then logged again
+    assert "resumed from" in (tmp_path / "resumed" / "train.log").read_text()  # from step 3, not from scratch
     # equal weights after a resume need the optimizer's moments too: each rank loaded its shard of them
     assert max_difference(weights(tmp_path / "resumed"), weights(single)) <= TOLERANCE

@@ -76,8 +76,33 @@ def test_sigkill_and_resume_gives_identical_weights(tmp_path):
     a = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "killed" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 40
+    steps = {name: [json.loads(line)["step"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+             for name in ("straight", "killed")}  # fmt: skip
+    assert steps["killed"] == steps["straight"] and steps["killed"][-1] == 40  # re-run steps are not logged twice
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, capsys):
+    from vlfm.cli import main
+
+    args = ["train", "configs/shapes-clip.yaml", *[f"-o{o}" for o in TINY], "-o", f"output_dir={tmp_path}", "-o",
+            "name=nan", "-o", "train.steps=40", "-o", "train.save_every=2", "-o", "train.warmup_steps=0"]  # fmt: skip
+    assert main(args + ["-o", "train.lr=0.01", "-o", "train.steps=2"]) == 0  # two good steps and a checkpoint
+    good = load_file(str(tmp_path / "nan" / "checkpoints" / "step_00000002" / "model.safetensors"))
+    capsys.readouterr()
+    assert main(args + ["-o", "train.lr=1e6", "--resume"]) == 3
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]  # the rest is the progress bar
+    assert len(errors) == 1 and "training diverged" in errors[0] and "non-finite loss" in errors[0], err
+    assert "Traceback" not in err
+    checkpoints = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir())
+    for name in checkpoints:  # whatever was saved is finite, and the step-2 checkpoint is still there
+        state = load_file(str(tmp_path / "nan" / "checkpoints" / name / "model.safetensors"))
+        assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point()), name
+    assert "step_00000002" in checkpoints or len(checkpoints) == 2
+    again = load_file(str(tmp_path / "nan" / "checkpoints" / checkpoints[0] / "model.safetensors"))
+    assert again.keys() == good.keys()
+    final = load_file(str(tmp_path / "nan" / "model" / "model.safetensors"))  # the first run's: not overwritten
+    assert all(torch.equal(final[k], good[k]) for k in good)
 
 
 def test_training_from_a_caption_file_counts_corrupt_images(tmp_path):
@@ -123,3 +148,19 @@ def test_training_state_records_the_data_position(trained_run):
     state = json.loads((trained_run / "checkpoints" / "step_00000006" / "train_state.json").read_text())
     assert state["step"] == 6 and state["samples_seen"] == 6 * 32
     assert len(state["torch_rng"]) > 100 and state["optimizer_param_groups"][0]["betas"] == [0.9, 0.98]
+
+
+def test_resume_skips_a_damaged_checkpoint_and_goes_on_from_the_newest_intact_one(tmp_path, caplog):
+    config = tiny_config(tmp_path, "data.eval_size=0", "data.classify_size=0")
+    run(config)
+    newest = config.run_dir / "checkpoints" / "step_00000006" / "model.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-4096:] = bytes(4096)  # a few KiB of tensor bytes overwritten: same size, other checksum
+    newest.write_bytes(bytes(data))
+    more = tiny_config(tmp_path, "data.eval_size=0", "data.classify_size=0", "train.steps=9")
+    with caplog.at_level("INFO", logger="vlfm"):
+        run(more, resume=True)
+    assert "step_00000006" in caplog.text and "resumed from" in caplog.text
+    assert f"resumed from {config.run_dir / 'checkpoints' / 'step_00000003'}" in caplog.text
+    steps = [json.loads(line)["step"] for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 9]  # the rows after step 3 were dropped and logged again

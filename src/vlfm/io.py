@@ -48,6 +48,12 @@ class RunExistsError(VlfmError):
     """A run directory that already holds a run, without --resume."""
 
 
+class DivergedError(VlfmError):
+    """Training stopped: the loss or the gradients were non-finite for too many steps in a row (CLI exit 3)."""
+
+    exit_code = 3
+
+
 @contextmanager
 def atomic_directory(path: str | Path, manifest: bool = False) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces `path` in one rename (old contents removed after), so

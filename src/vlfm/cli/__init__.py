@@ -50,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command][2](args) or 0
     except (VlfmError, FileNotFoundError) as error:
         print(f"vlfm {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return getattr(error, "exit_code", 2)

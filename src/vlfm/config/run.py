@@ -59,10 +59,13 @@ class TrainSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads; 0 = torch's default
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, slower
+    # a step whose loss or gradient norm is not finite is skipped; this many in a row stop the run (exit 3)
+    max_bad_steps: int = 3
 
     RANGES: ClassVar[dict[str, str]] = {"grad_accum": ">= 1", "min_lr_ratio": "in [0, 1]", "weight_decay": ">= 0",
                                         "betas": "in [0, 1)", "eps": "> 0", "clip_grad": ">= 0", "eval_every": ">= 0",
-                                        "save_every": ">= 0", "log_every": ">= 1", "seed": ">= 0", "threads": ">= 0"}  # fmt: skip
+                                        "save_every": ">= 0", "log_every": ">= 1", "seed": ">= 0", "threads": ">= 0",
+                                        "max_bad_steps": ">= 1"}  # fmt: skip
 
     def __post_init__(self):
         check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -23,14 +22,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
 from vlfm import distributed
-from vlfm.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from vlfm.checkpoint import (
+    latest_intact_checkpoint,
+    load_training_checkpoint,
+    make_room,
+    prune_checkpoints,
+    read_train_state,
+    save_training_checkpoint,
+)
 from vlfm.config import DistributedConfig, TrainConfig
-from vlfm.io import ConfigError, load_state_strict
+from vlfm.io import ConfigError, DivergedError, load_state_strict, load_weights
 
 log = logging.getLogger("vlfm")
 
@@ -162,7 +167,7 @@ def train(task: Task, config: TrainConfig, run_dir: Path, resume: bool = False, 
     strategy = parallel.strategy if parallel is not None and distributed.is_distributed() else None
     run_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(task, config, run_dir, strategy)
-    run.start(latest_checkpoint(run_dir) if resume else None, resume)
+    run.start(latest_intact_checkpoint(run_dir) if resume else None, resume)  # damaged ones are skipped
     end = run.end = config.steps if stop_after is None else min(config.steps, stop_after)
     while run.step < end:
         run.train_step()
@@ -176,6 +181,7 @@ def train(task: Task, config: TrainConfig, run_dir: Path, resume: bool = False, 
     if run.step == config.steps:
         model, _ = distributed.full_state(task.model, None, sharded=strategy == "fsdp")
         if run.main:
+            refuse_non_finite(model.state_dict(), run.step)
             model.save(run_dir / "model")
         if strategy is not None:
             dist.barrier()
@@ -190,13 +196,15 @@ class _Run:
         self.main = distributed.rank() == 0
         self.device = next(task.model.parameters()).device
         self.step, self.history, self.last_eval = 0, {"train": [], "eval": []}, {}
+        self.bad_steps = 0
+        self.last_good: Path | None = None  # the newest intact checkpoint: never pruned
 
     def start(self, checkpoint: Path | None, resume: bool) -> None:
         task, config = self.task, self.config
         if resume and checkpoint is None:
             log.info("no checkpoint in %s: starting from scratch", self.run_dir)
         if checkpoint is not None and self.strategy == "fsdp":  # full weights go in before sharding; the optimizer after
-            load_state_strict(task.model, load_file(str(checkpoint / "model.safetensors")), str(checkpoint))
+            load_state_strict(task.model, load_weights(checkpoint / "model.safetensors"), str(checkpoint))
         task.train_model = distributed.wrap_model(task.model, self.strategy, config.precision)
         groups = parameter_groups(task.model, config, task.lr_mults)
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
@@ -205,6 +213,8 @@ class _Run:
             state = load_checkpoint(task.model, checkpoint, self.optimizer, sharded=self.strategy == "fsdp")
             self.step, self.history = state["step"], state["history"]
             task.load_data_state(state.get("data"))
+            rewind_metrics(self.run_dir / "metrics.jsonl", self.step)
+            self.last_good = checkpoint
             log.info("resumed from %s at step %d", checkpoint, self.step)
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a") if self.main else None
         self.last_eval = self.history["eval"][-1] if self.history["eval"] else {}
@@ -226,16 +236,37 @@ class _Run:
         if scaler:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(task.model.parameters(), config.clip_grad or float("inf"))
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        task.after_step()
+        if self._finite(info, grad_norm):
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            task.after_step()
         self.step += 1
         if self.main and (self.step % config.log_every == 0 or self.step == self.end):
             self._log(factor, grad_norm, info)
         self.bar.update(1)
+
+    def _finite(self, info: dict[str, float], grad_norm: torch.Tensor) -> bool:
+        """Whether the step's loss and gradient norm are finite (the loss was read by the task already; the norm
+        is one read more). A non-finite step is skipped; `max_bad_steps` of them in a row stop the run, naming
+        the step, the loss and the first non-finite gradient or weight. With fp16 the grad scaler skips
+        overflowing gradients itself, so there only the loss counts."""
+        loss = float(info.get("loss", 0.0))
+        norm = float(_full(grad_norm)) if self.scaler is None else 0.0
+        if math.isfinite(loss) and math.isfinite(norm):
+            self.bad_steps = 0
+            return True
+        self.bad_steps += 1
+        where = first_non_finite(self.task.model)
+        log.warning("step %d: loss %s, gradient norm %s%s: step skipped", self.step + 1, loss, norm, where)
+        if self.bad_steps >= self.config.max_bad_steps:
+            raise DivergedError(f"training diverged: step {self.step + 1} is the {self.bad_steps}th in a row with a "
+                                f"non-finite loss ({loss}) or gradient norm ({norm}){where}; nothing was saved "
+                                "after the last good checkpoint (lower train.lr, or raise train.warmup_steps)")
+        self.task.model.zero_grad(set_to_none=True)
+        return False
 
     def _log(self, factor: float, grad_norm: torch.Tensor, info: dict[str, float]) -> None:
         config = self.config
@@ -263,10 +294,14 @@ class _Run:
         model, optimizer_state = distributed.full_state(task.model, self.optimizer, sharded=self.strategy == "fsdp")
         data = task.data_state()  # every rank: a stream gathers
         if self.main:
-            save_training_checkpoint(model, self.run_dir / "checkpoints" / f"step_{step:08d}", optimizer_state,
+            refuse_non_finite(model.state_dict(), step)
+            root = self.run_dir / "checkpoints"
+            make_room(root, model, optimizer_state, protect=self.last_good)  # prunes first only if the disk is short
+            save_training_checkpoint(model, root / f"step_{step:08d}", optimizer_state,
                                      {"step": step, "samples_seen": step * self.config.grad_accum * task.batch_size(),
                                       "history": self.history, **({"data": data} if data is not None else {})})
-            prune_checkpoints(self.run_dir / "checkpoints", keep=2)
+            self.last_good = root / f"step_{step:08d}"
+            prune_checkpoints(root, keep=2, protect=self.last_good)
         if self.strategy is not None:
             dist.barrier()  # no rank reads or resumes a checkpoint before rank 0 has renamed it into place
 
@@ -280,11 +315,41 @@ def load_checkpoint(model: nn.Module, directory: Path, optimizer: torch.optim.Op
     """Training state from a checkpoint; a sharded model already holds its weights, its optimizer loads by name."""
     if not sharded:
         return load_training_checkpoint(model, directory, optimizer)
-    state = json.loads((directory / "train_state.json").read_text())
-    distributed.load_sharded_optimizer(model, optimizer, load_file(str(directory / "optimizer.safetensors")),
+    state = read_train_state(directory)
+    distributed.load_sharded_optimizer(model, optimizer, load_weights(directory / "optimizer.safetensors"),
                                        state.pop("optimizer_param_groups"))
     torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
     return state
+
+
+def first_non_finite(model: nn.Module) -> str:
+    """', first non-finite: gradient of NAME' (or 'weight NAME'), or '' when every gradient and weight is finite."""
+    for kind in ("gradient", "weight"):
+        for name, param in model.named_parameters():
+            tensor = param.grad if kind == "gradient" else param.detach()
+            if tensor is not None and not bool(torch.isfinite(_full(tensor)).all()):
+                return f", first non-finite: {kind} of {name}"
+    return ""
+
+
+def refuse_non_finite(state: dict[str, torch.Tensor], step: int) -> None:
+    """Never write non-finite weights: the last good checkpoint stays the newest."""
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise DivergedError(f"training diverged: weight {bad} is not finite at step {step}; nothing was saved after the "
+                            "last good checkpoint (lower train.lr, or raise train.warmup_steps)")
+
+
+def rewind_metrics(path: Path, step: int) -> None:
+    """Drop the rows a killed run logged after the checkpoint it resumes from: they are logged again."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) < len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
 
 
 def write_record(file, record: dict) -> None:
@@ -296,7 +361,3 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     """A sharded (DTensor) gradient norm as a plain tensor."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
-
-def prune_checkpoints(directory: Path, keep: int) -> None:
-    for old in sorted(directory.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
