@@ -188,6 +188,8 @@ def test_staged_run_cli_chat_eval_and_stage_rerun(tmp_path, capsys, monkeypatch)
     shutil.copytree(run_dir / "stage1", tmp_path / "other" / "stage1")
     with pytest.raises(ConfigError, match=r"model.feature_layer=-1 \(it has -2\)"):
         run(tiny_vlm_config(tmp_path, "model.feature_layer=-1", name="other"), stage=2)
+    with pytest.raises(ConfigError, match=r"model.lm.layers=1 \(it has"):  # the LM's shape too, not only the links
+        run(tiny_vlm_config(tmp_path, "model.lm.layers=1", name="other"), stage=2)
 
 
 def test_stage_needs_the_earlier_stage(tmp_path):

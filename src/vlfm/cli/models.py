@@ -184,7 +184,7 @@ def info_command(args) -> None:
         print(f"text: context {t.context_length} width {t.width} x {t.layers} layers, {t.norm}-norm, "
               f"{'causal' if t.causal else 'bidirectional'}, pool {t.pool} ({count(model.text) / 1e6:.2f}M)")
     preprocess = f"; preprocess: {to_dict(model.preprocess_config)}" if hasattr(model, "preprocess_config") else ""
-    print(f"tokenizer: {model.tokenizer.vocab_size if model.tokenizer else 'none'} tokens{preprocess}")
+    print(f"tokenizer: {f'{model.tokenizer.vocab_size} tokens' if model.tokenizer else 'none'}{preprocess}")
     print("files: " + ", ".join(sorted(p.name for p in directory.iterdir())) if directory.is_dir() else f"file: {directory}")
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from vlfm.adapt.lora import add_lora, merge_lora, save_adapter
 from vlfm.checkpoint import latest_checkpoint
-from vlfm.config import ConfigError, StageConfig, TrainConfig, VLMRunConfig
+from vlfm.config import ConfigError, StageConfig, TrainConfig, VLMRunConfig, to_dict
 from vlfm.data import stage_data
 from vlfm.data.chat import TEMPLATES, add_chat_tokens, world_text
 from vlfm.data.stage_data import Encoder, Examples, world_scenes
@@ -268,13 +268,24 @@ def run_vlm(config: VLMRunConfig, device: torch.device, resume: bool = False, st
 def check_continues(model: VisionLanguageModel, config: VLMRunConfig, source) -> VisionLanguageModel:
     """A stage that goes on from an earlier stage's saved model takes that model's settings, not the run's:
     refuse a run whose model section says otherwise (e.g. another feature_layer), rather than ignore it."""
-    names = ("projector", "shuffle_factor", "feature_layer", "image_pos_embed", "image_token", "template")
-    diff = [f"model.{n}={getattr(config.model, n)!r} (it has {getattr(model.config, n)!r})"
-            for n in names if getattr(config.model, n) != getattr(model.config, n)]  # fmt: skip
+    ours, theirs = flat_dict(to_dict(config.model)), flat_dict(to_dict(model.config))
+    # set when the model is built: from the parts it starts from (vision_init, lm_init) and the tokenizer
+    derived = ("vision_init", "lm_init", "image_token_id", "lm.vocab_size", "lm.bos_token_id", "lm.eos_token_id",
+               "lm.pad_token_id", *(["vision."] if config.model.vision_init else []), *(["lm."] if config.model.lm_init else []))
+    diff = [f"model.{k}={ours[k]!r} (it has {theirs.get(k)!r})" for k in ours
+            if ours[k] != theirs.get(k) and not k.startswith(tuple(derived))]  # fmt: skip
     if diff:
         raise ConfigError(f"{source} was built with other model settings than this run: {', '.join(diff)}; "
                           "train from stage 0 under a new name to change them")
     return model
+
+
+def flat_dict(tree: dict, prefix: str = "") -> dict:
+    """{"lm": {"width": 1}} -> {"lm.width": 1}."""
+    out = {}
+    for key, value in tree.items():
+        out.update(flat_dict(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
 
 
 def evaluate_vlm(model: VisionLanguageModel, config: VLMRunConfig) -> dict:
