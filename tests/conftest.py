@@ -1,6 +1,5 @@
 import json
 import os
-import time
 
 import pytest
 import torch
@@ -22,36 +21,6 @@ TINY = [
     "train.batch_size=32", "train.steps=6", "train.warmup_steps=2", "train.eval_every=0", "train.save_every=3",
     "train.log_every=2",
 ]
-
-
-# CI's clock (.ci/run exports VLFM_CI_DEADLINE, seconds since the epoch): a slow test that would likely end past it
-# is skipped, with the reason in the report, instead of the whole job being cut off by CI's time limit. Each slow test
-# gives its minutes on the 2-core machine where it was measured (`@pytest.mark.slow(minutes=N)`); the slowest ratio of
-# measured to given time among the slow tests already run scales the estimate (machines here
-# ran the preset trainings up to 2.3x slower than the machine of the given minutes).
-SLOW_PACE = [1.0]
-
-
-def slow_seconds(item) -> float | None:
-    """A slow test's time where its minutes were measured (15 min when not given); None for other tests."""
-    slow = item.get_closest_marker("slow")
-    return None if slow is None else slow.kwargs.get("minutes", 15) * 60
-
-
-def pytest_runtest_setup(item):
-    seconds, deadline = slow_seconds(item), os.environ.get("VLFM_CI_DEADLINE")
-    if seconds is None or not deadline:
-        return
-    need = seconds * max(SLOW_PACE)
-    left = float(deadline) - time.time()
-    if need > left:
-        pytest.skip(f"CI time budget: needs ~{need / 60:.0f} min at this machine's pace, {max(left, 0) / 60:.0f} min left")
-
-
-def pytest_runtest_makereport(item, call):
-    seconds = slow_seconds(item)
-    if seconds is not None and call.when == "call" and call.excinfo is None:
-        SLOW_PACE.append(call.duration / seconds)
 
 
 def tiny_config(tmp_path, *overrides, name="tiny"):

@@ -1,10 +1,9 @@
-"""The full presets on the built-in world (minutes each: slow, run by CI and `make test-all`).
+"""The presets on the built-in world, shortened to fit CI (slow: run by CI and `make test-all`, two at a time).
 
-The floors are below what the presets reach here (CLIP: held-out zero-shot 0.90, t2i R@1 0.85; SigLIP: 0.88,
-0.83; glyphs: 0.52-0.73, 0.87-0.88 over three runs; CI of 2026-11-30 on a 2-core CPU; LiT with its off-palette
-scenes: 0.89-0.93, 0.91-0.92 over four runs at 1-2 threads) with room for run-to-run variation; they catch a
-preset or training that breaks. The issue's target of 0.90 on both is not reliably reached yet by the CLIP and
-SigLIP presets (see docs/architecture.md).
+Each run trains its preset for CI_STEPS steps (half the preset's 4,500) on one thread, so its numbers do not
+depend on the machine's core count, and checks floors set below what that length reached (measured values in
+the comments; docs/experiments.md §12 has the runs and the full-length figures). They catch a preset, a model
+or a training loop that stops learning. Two groups share the two cores (`pytest -n 2 --dist loadgroup`).
 """
 
 from pathlib import Path
@@ -21,41 +20,47 @@ from vlfm.eval.tasks import evaluate_task
 from vlfm.search import SearchIndex
 from vlfm.train import run
 
-# The assistant's VQA floor: measured 0.79 (all questions of 300 unseen scenes) with a 4500-step CLIP tower;
-# stage 1 alone (projector only) gives 0.25-0.34, so a pipeline that stops learning in stage 2 fails it.
-VQA_FLOOR = 0.55
+CI_STEPS = 2250
+SHORT = [f"train.steps={CI_STEPS}", f"train.eval_every={CI_STEPS}", "train.save_every=0", "train.threads=1"]
+# floors per preset: seen-combination top-1, held-out top-1 (chance 1/30), t2i R@1 (1,000 held-out scenes, any
+# scene carrying the caption counts); measured at CI_STEPS on one thread in the comments
+FLOORS = {
+    "shapes-clip": (0.85, 0.55, 0.68),  # 0.916, 0.716, 0.762
+    "shapes-siglip": (0.70, 0.45, 0.57),  # 0.792, 0.594, 0.657
+    "shapes-lit": (0.92, 0.60, 0.78),  # 0.990, 0.810, 0.864
+    "shapes-glyphs": (0.62, 0.40, 0.68),  # 0.714, 0.514, 0.765
+}
 
 
 @pytest.mark.parametrize(
     "preset",
-    [  # minutes: each run's time in the CI of 2026-11-30 (tests/conftest.py: CI's time budget)
-        pytest.param("shapes-clip", marks=pytest.mark.slow(minutes=10.5)),
-        pytest.param("shapes-siglip", marks=pytest.mark.slow(minutes=9.5)),
-        pytest.param("shapes-lit", marks=pytest.mark.slow(minutes=8.5)),
-        pytest.param("shapes-glyphs", marks=pytest.mark.slow(minutes=9.5)),
+    [
+        pytest.param("shapes-clip", marks=[pytest.mark.slow, pytest.mark.xdist_group("presets")]),
+        pytest.param("shapes-siglip", marks=[pytest.mark.slow, pytest.mark.xdist_group("presets")]),
+        pytest.param("shapes-glyphs", marks=[pytest.mark.slow, pytest.mark.xdist_group("presets")]),
+        pytest.param("shapes-lit", marks=[pytest.mark.slow, pytest.mark.xdist_group("assistant")]),
     ],
 )
 def test_preset_learns_the_world(preset, tmp_path):
-    config = load_config(f"configs/{preset}.yaml", [f"output_dir={tmp_path}"])
+    config = load_config(f"configs/{preset}.yaml", [f"output_dir={tmp_path}", *SHORT])
     metrics = run(config)
-    assert metrics["zeroshot_seen_top1"] >= 0.90, metrics  # combinations seen in training
-    assert metrics["zeroshot_top1"] >= (0.40 if preset == "shapes-glyphs" else 0.45), metrics  # unseen (chance 1/30)
-    assert metrics["t2i_r1"] >= 0.75, metrics  # 1,000 held-out scenes, any scene carrying the caption counts
+    seen, held_out, t2i = FLOORS[preset]
+    assert metrics["zeroshot_seen_top1"] >= seen, metrics
+    assert metrics["zeroshot_top1"] >= held_out, metrics
+    assert metrics["t2i_r1"] >= t2i, metrics
     if preset == "shapes-lit":
-        # Words the world never uses, read through the locked MiniLM text tower. Measured: LiT 0.33 (colour
-        # synonyms) and 0.34 (shape synonyms) against 0.15 and 0.20 for shapes-clip, whose tokenizer never saw them.
+        # words the world never uses, read through the locked MiniLM text tower (0.373, 0.352, 0.904)
         assert metrics["zeroshot_unseen_colours_top1"] >= 0.25, metrics
         assert metrics["zeroshot_unseen_shapes_top1"] >= 0.25, metrics
         assert metrics["zeroshot_unseen_templates_top1"] >= 0.75, metrics
     if preset == "shapes-glyphs":
-        # zero-shot on real handwriting (scikit-learn's digits) after training on rendered glyphs only; measured
-        # 0.35 and 0.45 (two renderer versions), chance 0.10; the goal of 0.70 is not reached
+        # zero-shot on real handwriting (scikit-learn's digits) after training on rendered glyphs only: 0.580
         digits = evaluate_task(vlfm.load(config.run_dir), "zeroshot_classification", "digits")
-        assert digits["top1"] >= 0.25, digits
+        assert digits["top1"] >= 0.40, digits
     if preset == "shapes-clip":
         # text -> image search over 10,000 held-out scenes: "a red circle" must return scenes with a red circle
-        # (measured: precision@10 1.0 for all 25 seen colour+shape queries)
-        assert search_precision(config, tmp_path / "scenes", 10_000) >= 0.9
+        # (precision@10 over the 25 seen colour+shape queries: 0.948)
+        assert search_precision(config, tmp_path / "scenes", 10_000) >= 0.85
 
 
 def search_precision(config, folder: Path, n: int) -> float:
@@ -75,19 +80,23 @@ def search_precision(config, folder: Path, n: int) -> float:
     return float(np.mean(precision))
 
 
-@pytest.mark.slow(minutes=16)
+@pytest.mark.slow
+@pytest.mark.xdist_group("assistant")
 def test_vlm_preset_answers_questions_about_new_scenes(tmp_path, capsys):
-    """`make demo-vlm`'s path: a shortened LiT image tower, then the assistant's stages 0-2 on top of it."""
-    # the Makefile's tower: grey colour-free scenes, not the preset's off-palette ones (relation 0.54 on those)
-    tower = load_config("configs/shapes-lit.yaml", [f"output_dir={tmp_path}", "name=tower", "train.steps=1800",
-                                                     "train.eval_every=0", "train.save_every=0",
-                                                     "data.world.grey_fraction=0.3", "data.world.grey_colours=grey"])  # fmt: skip
+    """`make demo-vlm`'s path, shortened: a LiT image tower, then the assistant's stages 0-2 on top of it, with
+    stage 2's relation window earlier in fewer steps."""
+    # the Makefile's tower: grey colour-free scenes, not the preset's off-palette ones (docs/experiments.md §10)
+    tower = load_config("configs/shapes-lit.yaml", [f"output_dir={tmp_path}", "name=tower", "train.steps=1200",
+                                                     "train.eval_every=0", "train.save_every=0", "train.threads=1",
+                                                     "data.world.colour_free_fraction=0.3", "data.world.colour_free_style=grey"])  # fmt: skip
     run(tower)
-    config = load_config("configs/shapes-vlm.yaml", [f"output_dir={tmp_path}", "name=vlm",
-                                                     f"model.vision_init={tower.run_dir}"])  # fmt: skip
+    config = load_config("configs/shapes-vlm.yaml", [f"output_dir={tmp_path}", "name=vlm", "train.threads=1",
+                                                     f"model.vision_init={tower.run_dir}", "stage2.steps=900",
+                                                     "stage2.phases=[{steps: 300, objects: 1}, "
+                                                     "{start: 600, steps: 150, kinds: [relation]}]"])  # fmt: skip
     metrics = run(config)
-    assert metrics["vqa_acc"] >= VQA_FLOOR, metrics  # every question of 300 scenes never trained on
-    # chance is 0.5 (413 yes/no questions); 0.72-0.81 in four runs with the preset's focus phase, 0.48-0.55 without
+    # every question of 300 scenes never trained on: 0.816 at this length (relation 0.741; chance 0.5 on yes/no)
+    assert metrics["vqa_acc"] >= 0.65, metrics
     assert metrics["vqa_acc_relation"] >= 0.6, metrics
     capsys.readouterr()
     assert main(["chat", str(config.run_dir), "--scene", "1", "--save", str(tmp_path / "scene.png")]) == 0
