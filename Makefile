@@ -41,7 +41,7 @@ test: setup  ## fast tests (slow end-to-end runs are deselected)
 	$(BIN)/python -m pytest -q
 
 test-slow: setup  ## the slow end-to-end trainings (presets, the assistant) with their floors, two at a time
-	$(BIN)/python -m pytest -q -m slow -n 2 --dist loadgroup --durations=0
+	$(BIN)/python -m pytest -q -m slow -n 2 --dist loadscope --durations=0
 
 test-all: test test-slow  ## everything CI runs
 

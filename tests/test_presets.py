@@ -3,7 +3,7 @@
 Each run trains its preset for CI_STEPS steps (half the preset's 4,500) on one thread, so its numbers do not
 depend on the machine's core count, and checks floors set below what that length reached (measured values in
 the comments; docs/experiments.md §12 has the runs and the full-length figures). They catch a preset, a model
-or a training loop that stops learning. Two groups share the two cores (`pytest -n 2 --dist loadgroup`).
+or a training loop that stops learning. Two groups share the two cores (`pytest -n 2 --dist loadscope`).
 """
 
 from pathlib import Path
@@ -32,16 +32,7 @@ FLOORS = {
 }
 
 
-@pytest.mark.parametrize(
-    "preset",
-    [
-        pytest.param("shapes-clip", marks=[pytest.mark.slow, pytest.mark.xdist_group("presets")]),
-        pytest.param("shapes-siglip", marks=[pytest.mark.slow, pytest.mark.xdist_group("presets")]),
-        pytest.param("shapes-glyphs", marks=[pytest.mark.slow, pytest.mark.xdist_group("presets")]),
-        pytest.param("shapes-lit", marks=[pytest.mark.slow, pytest.mark.xdist_group("assistant")]),
-    ],
-)
-def test_preset_learns_the_world(preset, tmp_path):
+def check_preset(preset, tmp_path):
     config = load_config(f"configs/{preset}.yaml", [f"output_dir={tmp_path}", *SHORT])
     metrics = run(config)
     seen, held_out, t2i = FLOORS[preset]
@@ -63,6 +54,23 @@ def test_preset_learns_the_world(preset, tmp_path):
         assert search_precision(config, tmp_path / "scenes", 10_000) >= 0.85
 
 
+# Two groups, one a core (`pytest -n 2 --dist loadscope` keeps a class on one worker), of about equal time.
+@pytest.mark.slow
+class TestContrastivePresets:
+    @pytest.mark.parametrize("preset", ["shapes-clip", "shapes-glyphs", "shapes-lit"])
+    def test_preset_learns_the_world(self, preset, tmp_path):
+        check_preset(preset, tmp_path)
+
+
+@pytest.mark.slow
+class TestSigLipAndTheAssistant:
+    def test_preset_learns_the_world(self, tmp_path):
+        check_preset("shapes-siglip", tmp_path)
+
+    def test_vlm_preset_answers_questions_about_new_scenes(self, tmp_path, capsys):
+        check_assistant(tmp_path, capsys)
+
+
 def search_precision(config, folder: Path, n: int) -> float:
     world = ShapesWorld(config.data.world)
     folder.mkdir()
@@ -80,9 +88,7 @@ def search_precision(config, folder: Path, n: int) -> float:
     return float(np.mean(precision))
 
 
-@pytest.mark.slow
-@pytest.mark.xdist_group("assistant")
-def test_vlm_preset_answers_questions_about_new_scenes(tmp_path, capsys):
+def check_assistant(tmp_path, capsys):
     """`make demo-vlm`'s path, shortened: a LiT image tower, then the assistant's stages 0-2 on top of it, with
     stage 2's relation window earlier in fewer steps."""
     # the Makefile's tower: grey colour-free scenes, not the preset's off-palette ones (docs/experiments.md §10)
@@ -91,6 +97,7 @@ def test_vlm_preset_answers_questions_about_new_scenes(tmp_path, capsys):
                                                      "data.world.colour_free_fraction=0.3", "data.world.colour_free_style=grey"])  # fmt: skip
     run(tower)
     config = load_config("configs/shapes-vlm.yaml", [f"output_dir={tmp_path}", "name=vlm", "train.threads=1",
+                                                     "train.eval_every=0",
                                                      f"model.vision_init={tower.run_dir}", "stage2.steps=900",
                                                      "stage2.phases=[{steps: 300, objects: 1}, "
                                                      "{start: 600, steps: 150, kinds: [relation]}]"])  # fmt: skip
