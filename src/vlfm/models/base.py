@@ -87,11 +87,6 @@ def check_manifest(directory: Path, checksums: bool = False) -> None:
         raise CheckpointError("; ".join(problems.values()))
 
 
-def is_vlfm_directory(directory: Path) -> bool:
-    meta = read_json(directory / "config.json") if (directory / "config.json").is_file() else {}
-    return str(meta.get("architecture", "")).startswith("vlfm.")
-
-
 def from_directory(directory: str | Path):
     """The model saved in a vlfm checkpoint directory, of the class its config.json names, in eval mode."""
     directory = Path(directory)

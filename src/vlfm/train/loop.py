@@ -35,7 +35,7 @@ from vlfm.checkpoint import (
     save_training_checkpoint,
 )
 from vlfm.config import DistributedConfig, TrainConfig
-from vlfm.io import ConfigError, DivergedError, load_state_strict, load_weights
+from vlfm.io import ConfigError, DivergedError, load_state_strict, load_weights, non_finite
 
 log = logging.getLogger("vlfm")
 
@@ -334,9 +334,9 @@ def first_non_finite(model: nn.Module) -> str:
 
 def refuse_non_finite(state: dict[str, torch.Tensor], step: int) -> None:
     """Never write non-finite weights: the last good checkpoint stays the newest."""
-    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
-    if bad is not None:
-        raise DivergedError(f"training diverged: weight {bad} is not finite at step {step}; nothing was saved after the "
+    bad = non_finite(state)
+    if bad:
+        raise DivergedError(f"training diverged: weight {bad[0]} is not finite at step {step}; nothing was saved after the "
                             "last good checkpoint (lower train.lr, or raise train.warmup_steps)")
 
 
