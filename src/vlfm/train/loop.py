@@ -213,7 +213,8 @@ class _Run:
             state = load_checkpoint(task.model, checkpoint, self.optimizer, sharded=self.strategy == "fsdp")
             self.step, self.history = state["step"], state["history"]
             task.load_data_state(state.get("data"))
-            rewind_metrics(self.run_dir / "metrics.jsonl", self.step)
+            if self.main:  # rank 0 alone writes metrics.jsonl: two ranks rewriting it would race
+                rewind_metrics(self.run_dir / "metrics.jsonl", self.step)
             self.last_good = checkpoint
             log.info("resumed from %s at step %d", checkpoint, self.step)
         self.metrics_file = (self.run_dir / "metrics.jsonl").open("a") if self.main else None
