@@ -14,6 +14,8 @@ A library that is not installed is skipped with a line saying so. Numbers are pr
 
     python bench/gpu.py                 # one H100/H200, under 5 minutes
     python bench/gpu.py --tiny          # the same code on the CPU with tiny dims: checks the script
+On the lent H200 (torch, transformers, timm, torchvision there; not open_clip): carry wheels of open_clip_torch,
+ftfy and wcwidth as the device README says, then `PYTHONPATH=src:/tmp/site python3 bench/gpu.py`.
 """
 
 from __future__ import annotations
