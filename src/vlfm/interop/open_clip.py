@@ -87,8 +87,9 @@ def open_clip_config(meta: dict) -> ModelConfig:
     return ModelConfig(kind=kind, embed_dim=meta.get("embed_dim", 512), vision=vision, text=text)
 
 
-def load_open_clip(path: Path, config_path: str | Path | None):
-
+def load_open_clip(path: Path, config_path: str | Path | dict | None):
+    """open_clip weights with their model config: `config_path` (a JSON file, or its contents), else
+    open_clip_config.json beside the weights."""
     directory = path if path.is_dir() else path.parent
     if path.is_dir():
         candidates = [directory / n for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")]
@@ -98,13 +99,16 @@ def load_open_clip(path: Path, config_path: str | Path | None):
             raise CheckpointError(f"{directory} has no open_clip weights (.safetensors, .bin or .pt)")
     else:
         weights = path
-    config_path = Path(config_path) if config_path else directory / "open_clip_config.json"
-    if not config_path.is_file():
+    if isinstance(config_path, dict):
+        meta, config_path = config_path, f"{weights} (open_clip's model config)"
+    else:
+        meta, config_path = None, Path(config_path) if config_path else directory / "open_clip_config.json"
+    if meta is None and not config_path.is_file():
         raise CheckpointError(
             f"{weights} needs its open_clip model config (e.g. ViT-B-32.json): put open_clip_config.json beside it "
             "or pass config=PATH (vlfm convert ... --config PATH)"
         )
-    meta = read_json(config_path)
+    meta = meta or read_json(config_path)
     try:
         config = open_clip_config(meta)
     except (ConfigError, TypeError) as error:
