@@ -69,7 +69,8 @@ class Tokenizer:
     @classmethod
     def from_directory(cls, directory: str | Path) -> Tokenizer | None:
         """A Hugging Face / open_clip model directory's tokenizer: tokenizer.json, else CLIP's vocab.json +
-        merges.txt, else BERT's vocab.txt; special tokens from tokenizer_config.json / special_tokens_map.json.
+        merges.txt, else SentencePiece's spiece.model (SigLIP, T5), else BERT's vocab.txt; special tokens from
+        tokenizer_config.json / special_tokens_map.json.
         None (and a warning) when the directory has none of them."""
         from vlfm.data import hf_tokenizers
 
@@ -85,11 +86,18 @@ class Tokenizer:
         elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
             backend = hf_tokenizers.clip_bpe(directory / "vocab.json", directory / "merges.txt")
             special = {"pad_token": "<|endoftext|>", "eos_token": "<|endoftext|>", **special}
+        elif (directory / "spiece.model").is_file():
+            try:
+                backend = hf_tokenizers.sentencepiece_unigram(directory / "spiece.model", _is_siglip(directory),
+                                                              special.get("do_lower_case", True), special.get("eos_token", "</s>"))  # fmt: skip
+            except ValueError as error:
+                raise CheckpointError(str(error)) from None
+            special = {"pad_token": "</s>", "eos_token": "</s>", **special}
         elif (directory / "vocab.txt").is_file():
             backend = hf_tokenizers.bert_wordpiece(directory / "vocab.txt", lowercase=special.get("do_lower_case", True))
             special = {"pad_token": "[PAD]", "eos_token": "[SEP]", **special}
         else:
-            log.warning("%s has no tokenizer (tokenizer.json, vocab.json + merges.txt or vocab.txt): "
+            log.warning("%s has no tokenizer (tokenizer.json, vocab.json + merges.txt, spiece.model or vocab.txt): "
                         "images can be embedded, texts cannot until one is provided", directory)
             return None
         pad = special.get("pad_token") or special.get("eos_token")
@@ -145,6 +153,15 @@ class Tokenizer:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return self.backend.decode(ids, skip_special_tokens=True).strip()
+
+
+def _is_siglip(directory: Path) -> bool:
+    """Whether spiece.model is read as SiglipTokenizer reads it (tokenizer_config.json's tokenizer_class, else
+    config.json's model_type), rather than as plain SentencePiece (T5)."""
+    for name, key in (("tokenizer_config.json", "tokenizer_class"), ("config.json", "model_type")):
+        if (directory / name).is_file() and key in (meta := read_json(directory / name)):
+            return str(meta[key]).lower().startswith("siglip")
+    return False
 
 
 def _special_tokens(directory: Path) -> dict:
