@@ -18,7 +18,7 @@ NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # ORG/NAME[@REVI
 
 # Everything but weights that any layout reads: configs, every tokenizer file, preprocessing, chat templates.
 META_FILES = [
-    "config.json", "open_clip_config.json", "model.safetensors.index.json", "preprocessor_config.json",
+    "config.json", "open_clip_config.json", "model.safetensors.index.json", "preprocessor_config.json", "processor_config.json",
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "vocab.txt",
     "spiece.model", "chat_template.jinja", "chat_template.json",
 ]  # fmt: skip
