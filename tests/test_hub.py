@@ -125,14 +125,16 @@ def test_open_clip_model_tag_names_use_open_clip_config_and_repository(cache, tm
     (here a tiny model added to the table; the repository holds weights only)."""
     directory = open_clip_dir(tmp_path)
     (directory / "open_clip_config.json").unlink()
-    write_clip_files(directory)
     publish(cache, "timm/vit_tiny_clip.openai", directory)
+    write_clip_files(tmp_path / "oc")  # the tokenizer comes from OpenAI's CLIP repository
+    publish(cache, hub.CLIP_TOKENIZER, clip_dir(tmp_path))
     monkeypatch.setitem(hub.OPEN_CLIP_MODELS, "ViT-tiny", TINY_OPEN_CLIP)
     monkeypatch.setitem(hub.OPEN_CLIP_PRETRAINED, ("ViT-tiny", "openai"), ("timm/vit_tiny_clip.openai", hub.OPENAI))
     model = vlfm.load("ViT-tiny/openai")
     assert model.config.vision.act == "quick_gelu" and model.tokenizer is not None
     weights = directory / "open_clip_model.safetensors"
     assert_same_model(model, vlfm.load(weights, config={"model_cfg": TINY_OPEN_CLIP | {"quick_gelu": True}}))
+    assert model.tokenizer.encode("a photo of the cat") == vlfm.load(clip_dir(tmp_path / "x")).tokenizer.encode("a photo of the cat")
 
 
 @pytest.mark.parametrize("name, vision, act", [  # (width, layers, heads, patch) of open_clip's model configs

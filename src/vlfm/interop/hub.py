@@ -40,6 +40,10 @@ OPEN_CLIP_MODELS = {
                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24}},
 }  # fmt: skip
 OPENAI = {"quick_gelu": True}
+# open_clip's ViT CLIPs share OpenAI's BPE vocabulary, which open_clip ships in its package rather than in the
+# weights' repositories: fetched from the repository transformers reads it from when a snapshot has no tokenizer.
+CLIP_TOKENIZER = "openai/clip-vit-base-patch32"
+TOKENIZER_FILES = ["tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"]
 OPEN_CLIP_PRETRAINED = {  # (model, tag) -> (hub repository, changes to the model config and preprocessing)
     ("ViT-B-32", "openai"): ("timm/vit_base_patch32_clip_224.openai", OPENAI),
     ("ViT-B-32", "laion2b_s34b_b79k"): ("laion/CLIP-ViT-B-32-laion2B-s34B-b79K", {}),
@@ -72,7 +76,8 @@ def parse(spec: str) -> tuple[str, str | None, dict | None]:
     if (model, tag) in OPEN_CLIP_PRETRAINED:
         repo, changes = OPEN_CLIP_PRETRAINED[model, tag]
         config = {**OPEN_CLIP_MODELS[model], **{k: v for k, v in changes.items() if k != "preprocess_cfg"}}
-        return repo, revision or None, {"model_cfg": config, "preprocess_cfg": changes.get("preprocess_cfg", {})}
+        meta = {"model_cfg": config, "preprocess_cfg": changes.get("preprocess_cfg", {}), "tokenizer_repo": CLIP_TOKENIZER}
+        return repo, revision or None, meta
     if not NAME.match(name):
         raise CheckpointError(f"{spec!r} is not a hub name: ORG/NAME, hf-hub:ORG/NAME, either with @REVISION, or an "
                               f"open_clip MODEL/TAG ({', '.join('/'.join(k) for k in OPEN_CLIP_PRETRAINED)})")
@@ -98,6 +103,13 @@ def fetch(spec: str | Path) -> Path:
     if named_config:  # the weights file itself: open_clip's config comes with the name, not from the repository
         return next((p for p in (directory / n for n in safe + pickled) if p.is_file()), directory)
     return directory
+
+
+def tokenizer_directory(directory: Path, repo: str) -> Path:
+    """`directory` if it holds a tokenizer, else the snapshot of `repo`'s tokenizer files alone."""
+    if any((directory / name).is_file() for name in TOKENIZER_FILES[:3]):
+        return directory
+    return _snapshot(repo, repo, None, TOKENIZER_FILES)
 
 
 def _snapshot(spec, repo: str, revision: str | None, patterns: list[str]) -> Path:

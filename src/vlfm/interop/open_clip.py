@@ -9,6 +9,7 @@ from pathlib import Path
 from vlfm.config import ConfigError, ModelConfig, TextConfig, VisionConfig
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess
+from vlfm.interop import hub
 from vlfm.interop.rules import (
     OPENAI_MEAN,
     OPENAI_STD,
@@ -118,6 +119,8 @@ def load_open_clip(path: Path, config_path: str | Path | dict | None):
         image_size=config.vision.image_size, mean=tuple(pre.get("mean", OPENAI_MEAN)), std=tuple(pre.get("std", OPENAI_STD)),
         interpolation=pre.get("interpolation", "bicubic"), resize_mode=pre.get("resize_mode", "shortest"),
     )  # fmt: skip
+    if meta.get("tokenizer_repo"):  # an open_clip name: its tokenizer may live in another repository
+        directory = hub.tokenizer_directory(directory, meta["tokenizer_repo"])
     model = TwoTowerModel(config, Tokenizer.from_directory(directory), preprocess)
     state = to_vlfm(torch_weights(weights), open_clip_map(config), DROPPED, model.state_dict(), str(weights))
     load_state_strict(model, state, str(weights))
