@@ -129,8 +129,8 @@ def _snapshot(spec, repo: str, revision: str | None, patterns: list[str]) -> Pat
     except LocalEntryNotFoundError:
         how = ("unset HF_HUB_OFFLINE and run once with network" if constants.HF_HUB_OFFLINE
                else "connect to the network once, or point HF_HOME / HF_HUB_CACHE at a cache that holds it")  # fmt: skip
-        raise CheckpointError(f"{spec}: {where} is not in the Hugging Face cache {constants.HF_HUB_CACHE} and the hub "
-                              f"cannot be reached: {how} (or pass a local directory)") from None  # fmt: skip
+        raise CheckpointError(f"{spec}: no such local path, and {where} is not in the Hugging Face cache "
+                              f"{constants.HF_HUB_CACHE} and the hub cannot be reached: {how}") from None  # fmt: skip
     except GatedRepoError:
         raise CheckpointError(f"{spec}: {repo} is gated: accept its terms on the hub and log in (`hf auth login`)") from None
     except RepositoryNotFoundError:
