@@ -189,7 +189,7 @@ def info_command(args) -> None:
 
 
 def add_convert(p) -> None:
-    p.add_argument("checkpoint", help="vlfm run or checkpoint, Hugging Face CLIP/SigLIP/BERT/LLaVA/Llama/Qwen2 directory, or open_clip weights")
+    p.add_argument("checkpoint", help="vlfm run or checkpoint, Hugging Face CLIP/SigLIP/BERT/LLaVA/Llama/Qwen2 directory, open_clip weights, or a hub name (ORG/NAME[@REV], open_clip MODEL/TAG)")
     p.add_argument("out", help="output directory (written atomically)")
     p.add_argument("--to", choices=("hf", "vlfm"), required=True,
                    help="hf: a directory transformers loads (CLIPModel / SiglipModel, LlamaForCausalLM / Qwen2ForCausalLM); "
