@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess
-from vlfm.interop import detect, load_foreign
+from vlfm.interop import detect, hub, load_foreign
 from vlfm.io import (
     CheckpointError,
     VlfmError,
@@ -43,9 +43,13 @@ log = logging.getLogger("vlfm")
 
 
 def resolve(path: str | Path) -> Path:
-    """A model directory from a checkpoint directory (vlfm, Hugging Face or open_clip), or a run directory (its
-    final model, else its latest training checkpoint)."""
-    path = package_path(path) if str(path).startswith("python:") else Path(path).expanduser()
+    """A model directory from a checkpoint directory (vlfm, Hugging Face or open_clip), a run directory (its
+    final model, else its latest training checkpoint), or a hub name (interop/hub.py: its snapshot in the
+    Hugging Face cache, downloaded when missing; a local path always wins)."""
+    if str(path).startswith("python:"):
+        path = package_path(path)
+    else:
+        path = hub.fetch(path) if hub.is_name(path) else Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{str(path)!r} does not exist")
     if (path / "config.json").is_file() or (path / "open_clip_config.json").is_file() or path.is_file():
@@ -78,11 +82,12 @@ def _step_directories(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", config: str | Path | None = None):
+def load(path: str | Path, device: str | torch.device = "cpu", config: str | Path | dict | None = None):
     """Load a checkpoint with its tokenizer and preprocessing attached: a vlfm checkpoint or run directory, a
-    Hugging Face CLIP / SigLIP / BERT / LLaVA / Llama / Qwen2 directory, or open_clip weights (`config`: its
-    model-config JSON)."""
+    Hugging Face CLIP / SigLIP / BERT / LLaVA / Llama / Qwen2 directory, open_clip weights (`config`: its
+    model-config JSON), or any of them by hub name (`ORG/NAME[@REV]`, `hf-hub:...`, open_clip `MODEL/TAG`)."""
     directory = resolve(path)
+    config = config or hub.open_clip_config(path)  # open_clip names come with open_clip's model config
     if directory.is_dir():
         check_manifest(directory)  # sizes against manifest.json first: a cut-short file is named as such
     model = from_directory(directory) if detect(directory) == "vlfm" else load_foreign(directory, config)

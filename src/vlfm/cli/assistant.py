@@ -10,6 +10,7 @@ from vlfm.cli.common import (
     non_negative_float,
     non_negative_int,
     open_unit_float,
+    output_home,
     positive_int,
     text,
 )
@@ -100,7 +101,6 @@ def eval_vlm(model, args, path: Path) -> tuple[dict, Path]:
     """VQA exact match on the built-in world (the run's own world when `path` is a run directory)."""
     import yaml
 
-    from vlfm.checkpoint import resolve
     from vlfm.config import VLMRunConfig, from_dict
     from vlfm.data.shapes import WorldConfig
     from vlfm.train.vlm import evaluate_vlm
@@ -113,7 +113,7 @@ def eval_vlm(model, args, path: Path) -> tuple[dict, Path]:
         config.data.world = WorldConfig(image_size=model.config.vision.image_size)
     config.data.eval_size = args.vqa_size
     metrics = evaluate_vlm(model, config)
-    default_dir = path if run_config.is_file() else resolve(path)
+    default_dir = path if run_config.is_file() else output_home(path)
     return metrics, Path(args.out) if args.out else default_dir / "eval.json"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 from vlfm.io import MAX_PIXELS, UsageError
 
@@ -18,6 +19,15 @@ def two_tower(model, command: str):
         what = {TextEncoder: "text only", ImageClassifier: "image only, fixed classes"}.get(type(model), "no shared space")
         raise UsageError(f"{command} needs an image-text model; this checkpoint is a {type(model).__name__} ({what})")
     return model
+
+
+def output_home(checkpoint) -> Path:
+    """Where a command writes next to its checkpoint by default: the checkpoint's directory, or the current
+    directory for a hub name (never into the Hugging Face cache)."""
+    from vlfm.checkpoint import resolve
+    from vlfm.interop.hub import is_name
+
+    return Path.cwd() if is_name(checkpoint) else resolve(checkpoint)
 
 
 def print_json(metrics: dict) -> None:

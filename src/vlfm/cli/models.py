@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from vlfm.cli.assistant import describe, eval_vlm
-from vlfm.cli.common import add_max_pixels, positive_int, print_json, text, two_tower
+from vlfm.cli.common import add_max_pixels, output_home, positive_int, print_json, text, two_tower
 from vlfm.io import UsageError, open_image
 
 
@@ -29,14 +29,14 @@ def add_eval(p) -> None:
 def eval_command(args) -> None:
     import yaml
 
-    from vlfm.checkpoint import load, resolve
+    from vlfm.checkpoint import load
     from vlfm.config import RunConfig, from_dict
     from vlfm.eval.tasks import append_csv, evaluate_task
     from vlfm.models import VisionLanguageModel
 
     path = Path(args.checkpoint)
     model = load(path)
-    default_dir = path if path.is_dir() and (path / "config.yaml").is_file() else resolve(path)
+    default_dir = path if path.is_dir() and (path / "config.yaml").is_file() else output_home(path)
     if isinstance(model, VisionLanguageModel):
         if args.task != "world" or args.dataset != "shapes":
             raise UsageError("a vision-language model is evaluated on the built-in world's VQA (--task world)")
@@ -162,7 +162,7 @@ def info_command(args) -> None:
     from vlfm.models import ImageClassifier, LanguageModel, TwoTowerModel, VisionLanguageModel
 
     directory = resolve(args.checkpoint)
-    model = load(directory)
+    model = load(args.checkpoint)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     print(f"checkpoint: {directory} (layout: {detect(directory)})")
     if isinstance(model, (VisionLanguageModel, LanguageModel)):
@@ -189,7 +189,7 @@ def info_command(args) -> None:
 
 
 def add_convert(p) -> None:
-    p.add_argument("checkpoint", help="vlfm run or checkpoint, Hugging Face CLIP/SigLIP/BERT/LLaVA/Llama/Qwen2 directory, or open_clip weights")
+    p.add_argument("checkpoint", help="vlfm run or checkpoint, Hugging Face CLIP/SigLIP/BERT/LLaVA/Llama/Qwen2 directory, open_clip weights, or a hub name (ORG/NAME[@REV], open_clip MODEL/TAG)")
     p.add_argument("out", help="output directory (written atomically)")
     p.add_argument("--to", choices=("hf", "vlfm"), required=True,
                    help="hf: a directory transformers loads (CLIPModel / SiglipModel, LlamaForCausalLM / Qwen2ForCausalLM); "

@@ -9,11 +9,13 @@ aligned with the ids, not shifted (the model shifts them, as Hugging Face does).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import string
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +124,74 @@ def encode_prompt(conversation: Conversation, tokenizer: Tokenizer, template: Ch
         raise ValueError(f"a prompt must end with a user turn, this one ends with {last}")
     ids, _ = encode_conversation(conversation, tokenizer, template)
     return ids + tokenizer.encode(template.assistant)
+
+
+def encode_with_chat_template(conversation: Conversation, tokenizer: Tokenizer) -> list[int]:
+    """The prompt for generation as transformers builds it from a Hugging Face checkpoint's own Jinja chat
+    template (`tokenizer.chat_template`): rendered with the generation prompt, then tokenized with the
+    tokenizer's special tokens unless the text already starts with its bos token (as its processors do)."""
+    text = render_chat_template(tokenizer, conversation)
+    bos = tokenizer.special_tokens.get("bos_token")
+    return tokenizer.backend.encode(text, add_special_tokens=not (bos and text.startswith(bos))).ids
+
+
+def render_chat_template(tokenizer: Tokenizer, conversation: Conversation, add_generation_prompt: bool = True) -> str:
+    """`tokenizer.chat_template` rendered for a conversation. Turns go in as text, `<image>` placeholders
+    inline (language-model templates); a template that shows none of the texts so (a multimodal one, reading
+    content parts) gets them as parts: {"type": "image"} per placeholder, {"type": "text", "text": ...}."""
+    if not tokenizer.chat_template:
+        raise ValueError("this tokenizer has no chat template (tokenizer_config.json 'chat_template' or chat_template.jinja)")
+    template = _compile(tokenizer.chat_template)
+    names = {k: v for k, v in tokenizer.special_tokens.items() if v is not None}
+
+    def render(messages):
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **names)
+
+    text = render([{"role": role, "content": content} for role, content in conversation])
+    shown = [t.replace(IMAGE_TOKEN, "").strip() for _, t in conversation]
+    if all(t in text for t in shown):
+        return text
+    return render([{"role": role, "content": _parts(content)} for role, content in conversation])
+
+
+def _parts(text: str) -> list[dict]:
+    """A turn's text as content parts: an image part per `<image>` (the newline after one dropped), text parts."""
+    parts: list[dict] = []
+    for i, piece in enumerate(text.split(IMAGE_TOKEN)):
+        piece = piece.removeprefix("\n") if i else piece
+        parts += ([{"type": "image"}] if i else []) + ([{"type": "text", "text": piece}] if piece else [])
+    return parts
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(source: str):
+    """A chat template compiled as transformers compiles it: a sandbox (templates come from the hub: untrusted
+    code), trim_blocks and lstrip_blocks, loop controls, `{% generation %}` blocks, tojson, raise_exception."""
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):  # `{% generation %}...{% endgeneration %}` marks assistant text: render its body
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, Generation])
+    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as error:
+        raise UsageError(f"the tokenizer's chat template is not valid Jinja: {error}") from None
 
 
 def _check_markers(tokenizer: Tokenizer, template: ChatTemplate) -> None:

@@ -3,6 +3,8 @@ so that text is tokenized exactly as transformers does it, without importing tra
 
 from __future__ import annotations
 
+import re
+import string
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -81,4 +83,47 @@ def bert_wordpiece(vocab_txt: Path, lowercase: bool = True) -> Tokenizer:
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     tokenizer.add_special_tokens([token for token in BERT_SPECIALS if token in vocab])
+    return tokenizer
+
+
+SPIECE_SPACE = "▁"  # SentencePiece's visible space: every word starts with it
+UNIGRAM, UNKNOWN, CONTROL = 1, 2, 3  # ModelProto's model type and piece types
+
+
+def sentencepiece_unigram(spiece_model: Path, siglip: bool = False, lowercase: bool = True, eos: str = "</s>") -> Tokenizer:
+    """A SentencePiece unigram model (spiece.model: SigLIP, T5) as `tokens </s>`: its pieces and scores, its own
+    normalizer (the precompiled character map) and its word split at every `▁`, read with the sentencepiece
+    package's model description. `siglip`: SiglipTokenizer's text first: `▁` + the text lower-cased (`lowercase`),
+    ASCII punctuation removed, whitespace runs collapsed, stripped; then no further dummy prefix."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(Path(spiece_model).read_bytes())
+    except Exception as error:  # noqa: BLE001 - protobuf's DecodeError: not a SentencePiece model
+        raise ValueError(f"{str(spiece_model)!r} is not a SentencePiece model: {error}") from None
+    if proto.trainer_spec.model_type != UNIGRAM:
+        raise ValueError(f"{str(spiece_model)!r} is a SentencePiece model of type {proto.trainer_spec.model_type}; "
+                         "vlfm reads unigram ones (SigLIP, T5)")  # fmt: skip
+    vocab = [(piece.piece, piece.score) for piece in proto.pieces]
+    tokenizer = Tokenizer(models.Unigram(vocab, proto.trainer_spec.unk_id, proto.trainer_spec.byte_fallback))
+    steps = []
+    if siglip:
+        steps += [normalizers.Replace(SPIECE_SPACE, " "), normalizers.Prepend(SPIECE_SPACE)]
+        steps += [normalizers.Lowercase()] if lowercase else []
+        steps += [normalizers.Replace(Regex(f"[{re.escape(string.punctuation)}]"), ""),
+                  normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]  # fmt: skip
+    spec = proto.normalizer_spec
+    steps += [normalizers.Precompiled(spec.precompiled_charsmap)] if spec.precompiled_charsmap else []
+    if spec.remove_extra_whitespaces:  # (SigLIP's leading `▁`, a space by now, stands after the text's start)
+        edges = r" +\z" if siglip else r"\A +| +\z"
+        steps += [normalizers.Replace(Regex(edges), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    prepend = "always" if spec.add_dummy_prefix and not siglip else "never"
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPIECE_SPACE, prepend_scheme=prepend, split=True)
+    tokenizer.decoder = decoders.Metaspace(replacement=SPIECE_SPACE, prepend_scheme=prepend)
+    eos_id = _require({piece: i for i, (piece, _) in enumerate(vocab)}, eos, spiece_model)
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}",
+                                                             special_tokens=[(eos, eos_id)])  # fmt: skip
+    tokenizer.add_special_tokens([piece.piece for piece in proto.pieces if piece.type in (UNKNOWN, CONTROL)])
     return tokenizer

@@ -25,11 +25,17 @@ log = logging.getLogger("vlfm")
 
 
 class Tokenizer:
-    def __init__(self, backend: HFTokenizer, pad_token: str = "<pad>", eos_token: str | None = "<eos>"):
+    """`chat_template`: a Hugging Face tokenizer's or processor's Jinja chat template (data/chat.py renders it);
+    `special_tokens`: its named special tokens (bos_token, ...), which templates read."""
+
+    def __init__(self, backend: HFTokenizer, pad_token: str = "<pad>", eos_token: str | None = "<eos>",
+                 chat_template: str | None = None, special_tokens: dict[str, str] | None = None):  # fmt: skip
         self.backend = backend
         backend.no_padding()  # padding and truncation are done here (a loaded tokenizer.json may carry its own)
         backend.no_truncation()
         self.pad_token, self.eos_token = pad_token, eos_token
+        self.chat_template = chat_template
+        self.special_tokens = {"pad_token": pad_token, "eos_token": eos_token, **(special_tokens or {})}
         self.pad_id = self.token_id(pad_token)
         self.eos_id = self.token_id(eos_token) if eos_token is not None else None
 
@@ -69,7 +75,8 @@ class Tokenizer:
     @classmethod
     def from_directory(cls, directory: str | Path) -> Tokenizer | None:
         """A Hugging Face / open_clip model directory's tokenizer: tokenizer.json, else CLIP's vocab.json +
-        merges.txt, else BERT's vocab.txt; special tokens from tokenizer_config.json / special_tokens_map.json.
+        merges.txt, else SentencePiece's spiece.model (SigLIP, T5), else BERT's vocab.txt; special tokens from
+        tokenizer_config.json / special_tokens_map.json.
         None (and a warning) when the directory has none of them."""
         from vlfm.data import hf_tokenizers
 
@@ -85,25 +92,34 @@ class Tokenizer:
         elif (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
             backend = hf_tokenizers.clip_bpe(directory / "vocab.json", directory / "merges.txt")
             special = {"pad_token": "<|endoftext|>", "eos_token": "<|endoftext|>", **special}
+        elif (directory / "spiece.model").is_file():
+            try:
+                backend = hf_tokenizers.sentencepiece_unigram(directory / "spiece.model", _is_siglip(directory),
+                                                              special.get("do_lower_case", True), special.get("eos_token", "</s>"))  # fmt: skip
+            except ValueError as error:
+                raise CheckpointError(str(error)) from None
+            special = {"pad_token": "</s>", "eos_token": "</s>", **special}
         elif (directory / "vocab.txt").is_file():
             backend = hf_tokenizers.bert_wordpiece(directory / "vocab.txt", lowercase=special.get("do_lower_case", True))
             special = {"pad_token": "[PAD]", "eos_token": "[SEP]", **special}
         else:
-            log.warning("%s has no tokenizer (tokenizer.json, vocab.json + merges.txt or vocab.txt): "
+            log.warning("%s has no tokenizer (tokenizer.json, vocab.json + merges.txt, spiece.model or vocab.txt): "
                         "images can be embedded, texts cannot until one is provided", directory)
             return None
         pad = special.get("pad_token") or special.get("eos_token")
         eos = special.get("eos_token") or special.get("sep_token")
         if pad is None:
             raise CheckpointError(f"{directory}: the tokenizer names no pad token (tokenizer_config.json 'pad_token')")
+        names = {k: v for k, v in special.items() if k.endswith("_token") and isinstance(v, str)}
         try:
-            return cls(backend, pad, eos)
+            return cls(backend, pad, eos, _chat_template(directory), names)
         except ValueError as error:  # a special token the vocabulary lacks
             raise CheckpointError(f"{directory}: {error}") from None
 
     def save(self, path: str | Path) -> None:
         self.backend.save(str(path))
-        config = {"pad_token": self.pad_token, "eos_token": self.eos_token}
+        config = {**self.special_tokens, "pad_token": self.pad_token, "eos_token": self.eos_token}
+        config.update({"chat_template": self.chat_template} if self.chat_template else {})
         Path(path).with_name("tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
     @property
@@ -145,6 +161,29 @@ class Tokenizer:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return self.backend.decode(ids, skip_special_tokens=True).strip()
+
+
+def _chat_template(directory: Path) -> str | None:
+    """The chat template beside a tokenizer: chat_template.jinja, else chat_template.json (a processor's, as
+    LLaVA saves it), else tokenizer_config.json's `chat_template` (its default one where it names several)."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        template = read_json(directory / name).get("chat_template") if (directory / name).is_file() else None
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+        if isinstance(template, str):
+            return template
+    return None
+
+
+def _is_siglip(directory: Path) -> bool:
+    """Whether spiece.model is read as SiglipTokenizer reads it (tokenizer_config.json's tokenizer_class, else
+    config.json's model_type), rather than as plain SentencePiece (T5)."""
+    for name, key in (("tokenizer_config.json", "tokenizer_class"), ("config.json", "model_type")):
+        if (directory / name).is_file() and key in (meta := read_json(directory / name)):
+            return str(meta[key]).lower().startswith("siglip")
+    return False
 
 
 def _special_tokens(directory: Path) -> dict:

@@ -2,6 +2,7 @@
 
   hf_clip    Hugging Face CLIPModel, SiglipModel and BertModel directories (in and out)
   open_clip  open_clip ViT CLIP weights with their model config (in)
+  hub        checkpoints by hub name through huggingface_hub's cache (ORG/NAME, open_clip MODEL/TAG)
   hf_lm      Hugging Face Llama / Qwen2 (in and out) and LLaVA (in)
 
 `detect` names a directory's layout, `load_foreign` reads it as a vlfm model, `export_hf` writes a vlfm model
@@ -42,7 +43,7 @@ def detect(path: str | Path) -> str | None:
     )
 
 
-def load_foreign(path: str | Path, config_path: str | Path | None = None):
+def load_foreign(path: str | Path, config_path: str | Path | dict | None = None):
     """A Hugging Face or open_clip checkpoint as a vlfm model: TwoTowerModel, TextEncoder (BERT),
     VisionLanguageModel (LLaVA) or LanguageModel (Llama / Qwen2)."""
     path = Path(path)

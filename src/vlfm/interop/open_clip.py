@@ -9,6 +9,7 @@ from pathlib import Path
 from vlfm.config import ConfigError, ModelConfig, TextConfig, VisionConfig
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess
+from vlfm.interop import hub
 from vlfm.interop.rules import (
     OPENAI_MEAN,
     OPENAI_STD,
@@ -87,8 +88,9 @@ def open_clip_config(meta: dict) -> ModelConfig:
     return ModelConfig(kind=kind, embed_dim=meta.get("embed_dim", 512), vision=vision, text=text)
 
 
-def load_open_clip(path: Path, config_path: str | Path | None):
-
+def load_open_clip(path: Path, config_path: str | Path | dict | None):
+    """open_clip weights with their model config: `config_path` (a JSON file, or its contents), else
+    open_clip_config.json beside the weights."""
     directory = path if path.is_dir() else path.parent
     if path.is_dir():
         candidates = [directory / n for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")]
@@ -98,13 +100,16 @@ def load_open_clip(path: Path, config_path: str | Path | None):
             raise CheckpointError(f"{directory} has no open_clip weights (.safetensors, .bin or .pt)")
     else:
         weights = path
-    config_path = Path(config_path) if config_path else directory / "open_clip_config.json"
-    if not config_path.is_file():
+    if isinstance(config_path, dict):
+        meta, config_path = config_path, f"{weights} (open_clip's model config)"
+    else:
+        meta, config_path = None, Path(config_path) if config_path else directory / "open_clip_config.json"
+    if meta is None and not config_path.is_file():
         raise CheckpointError(
             f"{weights} needs its open_clip model config (e.g. ViT-B-32.json): put open_clip_config.json beside it "
             "or pass config=PATH (vlfm convert ... --config PATH)"
         )
-    meta = read_json(config_path)
+    meta = meta or read_json(config_path)
     try:
         config = open_clip_config(meta)
     except (ConfigError, TypeError) as error:
@@ -114,6 +119,8 @@ def load_open_clip(path: Path, config_path: str | Path | None):
         image_size=config.vision.image_size, mean=tuple(pre.get("mean", OPENAI_MEAN)), std=tuple(pre.get("std", OPENAI_STD)),
         interpolation=pre.get("interpolation", "bicubic"), resize_mode=pre.get("resize_mode", "shortest"),
     )  # fmt: skip
+    if meta.get("tokenizer_repo"):  # an open_clip name: its tokenizer may live in another repository
+        directory = hub.tokenizer_directory(directory, meta["tokenizer_repo"])
     model = TwoTowerModel(config, Tokenizer.from_directory(directory), preprocess)
     state = to_vlfm(torch_weights(weights), open_clip_map(config), DROPPED, model.state_dict(), str(weights))
     load_state_strict(model, state, str(weights))

@@ -155,14 +155,16 @@ def torch_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def hf_preprocess(directory: Path, kind: str, image_size: int) -> Preprocess:
-    """preprocessor_config.json -> Preprocess; documented defaults (said in the log) when the file is missing."""
-    path = directory / "preprocessor_config.json"
-    if not path.is_file():
+    """preprocessor_config.json (or the image_processor of processor_config.json, as transformers 5 saves a
+    processor) -> Preprocess; documented defaults (said in the log) when neither is there."""
+    path, processor = directory / "preprocessor_config.json", directory / "processor_config.json"
+    inside = read_json(processor).get("image_processor") if processor.is_file() and not path.is_file() else None
+    if not path.is_file() and not isinstance(inside, dict):
         defaults = (Preprocess(image_size=image_size, mean=OPENAI_MEAN, std=OPENAI_STD) if kind == "clip"
                     else Preprocess(image_size=image_size, resize_mode="squash"))  # fmt: skip
         log.warning("%s has no preprocessor_config.json: using the %s defaults %s", directory, kind, defaults)
         return defaults
-    c = read_json(path)
+    c, path = (inside, processor) if isinstance(inside, dict) else (read_json(path), path)
     if c.get("do_pad"):
         log.warning("%s: do_pad (pad to a square before resizing) is not supported: images are resized and cropped "
                     "unpadded, so non-square images differ from what the model was trained on", path)

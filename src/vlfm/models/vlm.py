@@ -13,7 +13,13 @@ from PIL import Image
 from torch import nn
 
 from vlfm.config import VLMConfig
-from vlfm.data.chat import TEMPLATES, Conversation, encode_prompt, expand_image_tokens
+from vlfm.data.chat import (
+    TEMPLATES,
+    Conversation,
+    encode_prompt,
+    encode_with_chat_template,
+    expand_image_tokens,
+)
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess
 from vlfm.io import open_image
@@ -108,7 +114,8 @@ class VisionLanguageModel(SavedModel, nn.Module):
         return self.lm.generate(inputs_embeds=self.embed(input_ids, pixels), attention_mask=attention_mask, **generation)
 
     def stop_tokens(self) -> list[int]:
-        ids = [self.tokenizer.backend.token_to_id(self.template.end)] if self.tokenizer is not None else []
+        t = self.tokenizer
+        ids = [t.backend.token_to_id(self.template.end), t.eos_id] if t is not None else []  # eos: a chat template's end
         ids += [self.config.lm.eos_token_id]
         return [i for i in dict.fromkeys(ids) if i is not None]
 
@@ -117,11 +124,15 @@ class VisionLanguageModel(SavedModel, nn.Module):
         return self.preprocess_config(images)
 
     def prompt_ids(self, conversation: Conversation, images: int) -> list[int]:
-        """Token ids of a conversation ending with a user turn, followed by the assistant marker, with the
-        image placeholders expanded; `images` says how many images come with it."""
+        """Token ids of a conversation ending with a user turn, followed by the assistant's opening (the
+        tokenizer's own chat template where it has one, else the model's), with the image placeholders expanded;
+        `images` says how many images come with it."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: load it with vlfm.load or pass one")
-        ids = encode_prompt(conversation, self.tokenizer, self.template)
+        if self.tokenizer.chat_template:  # a Hugging Face checkpoint's own template, as transformers renders it
+            ids = encode_with_chat_template(conversation, self.tokenizer)
+        else:
+            ids = encode_prompt(conversation, self.tokenizer, self.template)
         ids, _ = expand_image_tokens(ids, [-100] * len(ids), self.config.image_token_id, self.image_tokens, images)
         return ids
 

@@ -61,6 +61,7 @@ def build_model(config: VLMRunConfig) -> VisionLanguageModel:
             raise ConfigError(f"model.lm_init={model_config.lm_init} is not a language model with a tokenizer (give a "
                               "Hugging Face Llama / Qwen2 / SmolLM directory or a saved vlfm LanguageModel)")
         tokenizer = lm.tokenizer
+        tokenizer.chat_template = None  # the model learns model.template's turns: its prompts must be those
         model_config.lm = dataclasses.replace(lm.config)
         lm_state = lm.state_dict()
     else:
