@@ -48,8 +48,10 @@ def served(trained_run, tmp_path_factory):
     index.add_images(model, [(folder / f"{i:04d}.png", captions(s)[0]) for i, s in enumerate(scenes)], progress=False)
     torch.manual_seed(0)
     vlm = build_model(tiny_vlm_config(tmp_path_factory.mktemp("vlm"))).eval()
+    with torch.no_grad():  # untrained, its greedy answers are special tokens that decode to nothing: mute them
+        vlm.lm.embed_tokens.weight[[i for i in range(vlm.lm.config.vocab_size) if vlm.tokenizer.decode([i]) == ""]] = 0
     images = [Image.open(folder / f"{i:04d}.png").convert("RGB") for i in range(3)]
-    return SimpleNamespace(model=model, index=folder / "idx", folder=folder, vlm=vlm, images=images)
+    return SimpleNamespace(run=trained_run, model=model, index=folder / "idx", folder=folder, vlm=vlm, images=images)
 
 
 def app_for(served, **options):
@@ -125,8 +127,9 @@ def test_search_by_text_and_image_equals_the_index_and_serves_the_images(client,
 
 
 def test_chat_equals_model_chat_and_streams_the_same_answer(client, served):
-    image, question = served.images[0], "what colour is the circle?"
+    image, question = served.images[0], "how many shapes?"
     expected = served.vlm.chat(image, question, max_new_tokens=8)
+    assert expected  # visible text, streamed in pieces below
     message = {"role": "user", "content": [{"type": "text", "text": question},
                                            {"type": "image_url", "image_url": {"url": data_url(image)}}]}  # fmt: skip
     r = client.post("/v1/chat/completions", json={"messages": [message], "max_tokens": 8})
@@ -141,14 +144,19 @@ def test_chat_equals_model_chat_and_streams_the_same_answer(client, served):
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected
+    pieces = [c["choices"][0]["delta"].get("content", "") for c in chunks]
+    assert "".join(pieces) == expected and sum(bool(p) for p in pieces) >= 3
     assert chunks[-1]["choices"][0]["finish_reason"] == body["choices"][0]["finish_reason"]
 
     # an earlier turn carries the image: the history holds its placeholder, as `vlfm chat` builds it
-    turns = [message, {"role": "assistant", "content": "red"}, {"role": "user", "content": "how many shapes?"}]
+    turns = [message, {"role": "assistant", "content": "two"}, {"role": "user", "content": "what colour is the circle?"}]
     later = client.post("/v1/chat/completions", json={"messages": turns, "max_tokens": 6}).json()
-    history = [("user", f"<image>\n{question}"), ("assistant", "red")]
-    assert later["choices"][0]["message"]["content"] == served.vlm.chat(image, "how many shapes?", history, max_new_tokens=6)
+    history = [("user", f"<image>\n{question}"), ("assistant", "two")]
+    assert later["choices"][0]["message"]["content"] == served.vlm.chat(image, "what colour is the circle?", history, max_new_tokens=6)
+    # sampling: the seed makes it repeatable, and it is model.chat's sampling
+    sampled = client.post("/v1/chat/completions", json={"messages": [message], "max_tokens": 6, "temperature": 1.0, "seed": 3}).json()
+    generator = torch.Generator().manual_seed(3)
+    assert sampled["choices"][0]["message"]["content"] == served.vlm.chat(image, question, max_new_tokens=6, temperature=1.0, generator=generator)
 
 
 def test_healthz_page_and_metrics(client):
