@@ -273,6 +273,20 @@ def test_an_index_of_another_model_is_refused_at_start(served, tmp_path):
         create_app(model, "fresh", served.index)
 
 
+def test_cli_refuses_wrong_models_in_one_line(served, tmp_path, capsys):
+    from vlfm.cli import main
+
+    served.vlm.save(tmp_path / "vlm")
+    cases = [([str(tmp_path / "vlm")], "serve needs an image-text model; this checkpoint is a VisionLanguageModel"),
+             ([str(served.run), "--vlm", str(served.run)], "--vlm needs a vision-language model"),
+             ([str(served.run), "--port", "70000"], "--port 70000 is not a port"),
+             ([str(served.run), "--index", str(tmp_path)], "is not an index (no meta.sqlite)")]  # fmt: skip
+    for args, words in cases:
+        assert main(["serve", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vlfm serve: error: ") and words in err and len(err.strip().splitlines()) == 1
+
+
 # --- the batcher -----------------------------------------------------------------------------------------------------
 class CountingModel:
     """Embeds texts as their lengths; records each forward pass's size and whether two ever overlapped."""

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -53,8 +53,10 @@ async def embeddings(body: EmbeddingsRequest, server: ServerDep):
         if where:
             vectors[where] = (await server.batcher.embed(kind, [payloads[i] for i in where])).numpy()
     tokens = sum(len(server.model.tokenizer.encode(p)) for p, k in zip(payloads, kinds) if k == "text")
-    return {"object": "list", "model": server.name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            "data": [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)} for i, v in enumerate(vectors)]}  # fmt: skip
+    data = [{"object": "embedding", "index": i, "embedding": _encode(v, body.encoding_format)} for i, v in enumerate(vectors)]
+    # a JSONResponse as is: FastAPI's encoder would walk every float of every vector again
+    return JSONResponse({"object": "list", "model": server.name, "data": data,
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
 
 
 def _encode(vector: np.ndarray, encoding: str):
@@ -112,7 +114,10 @@ async def _classify_inputs(request: Request, server: Server):
         if any(not isinstance(f, UploadFile) for f in files):
             raise ServeError(400, "image must be a file upload (multipart), not a text field")
         over_limit(limits, "max_inputs", len(files), f"{len(files):,} images")
-        images = [image_from_bytes(await f.read(), limits, size, f.filename or f"image {i}") for i, f in enumerate(files)]
+        try:
+            images = [image_from_bytes(await f.read(), limits, size, f.filename or f"image {i}") for i, f in enumerate(files)]
+        finally:
+            await form.close()  # the uploads' spooled files
         labels = [str(x) for x in form.getlist("labels")]
         labels = [x.strip() for x in labels[0].split(",")] if len(labels) == 1 and "," in labels[0] else labels
         templates = [str(x) for x in form.getlist("templates")] or None

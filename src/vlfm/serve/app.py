@@ -56,7 +56,11 @@ def create_app(model, name: str = "model", index: str | Path | None = None, vlm=
     server = Server(model, name, limits or Limits(), batcher, metrics, vlm, vlm_name, api_key=api_key)
     batcher.start()
     if index is not None:
-        server.index = batcher.call_sync(_open_index, index, model)
+        try:
+            server.index = batcher.call_sync(_open_index, index, model)
+        except BaseException:
+            batcher.stop()
+            raise
 
     @asynccontextmanager
     async def lifespan(app):
@@ -68,7 +72,7 @@ def create_app(model, name: str = "model", index: str | Path | None = None, vlm=
                   version="1", lifespan=lifespan)  # fmt: skip
     app.state.server = server
     _install_error_handlers(app)
-    app.middleware("http")(metrics.middleware)
+    app.add_middleware(metrics.middleware)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

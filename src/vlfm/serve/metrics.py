@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from starlette.requests import Request
 from starlette.responses import Response
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -27,16 +26,31 @@ class Metrics:
     def observe_batch(self, kind: str, size: int) -> None:
         self.batch.labels(kind).observe(size)
 
-    async def middleware(self, request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")  # a template, never the raw path
-        self.requests.labels(route, request.method, str(response.status_code)).inc()
-        self.latency.labels(route).observe(time.perf_counter() - start)
-        error = response.headers.get("x-vlfm-error")
-        if error:
-            self.errors.labels(route, error).inc()
-        return response
+    def middleware(self, app):
+        """Pure ASGI (no per-request Request objects; streaming untouched): counts each response by its route's
+        template (never the raw path), its status and, for errors, the `x-vlfm-error` type."""
+
+        async def counted(scope, receive, send):
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            start, seen = time.perf_counter(), {"status": 500, "error": None}
+
+            async def send_counted(message):
+                if message["type"] == "http.response.start":
+                    seen["status"] = message["status"]
+                    seen["error"] = dict(message.get("headers", [])).get(b"x-vlfm-error")
+                await send(message)
+
+            try:
+                await app(scope, receive, send_counted)
+            finally:
+                route = getattr(scope.get("route"), "path", "unmatched")
+                self.requests.labels(route, scope["method"], str(seen["status"])).inc()
+                self.latency.labels(route).observe(time.perf_counter() - start)
+                if seen["error"]:
+                    self.errors.labels(route, seen["error"].decode()).inc()
+
+        return counted
 
     def response(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
