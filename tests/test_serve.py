@@ -5,6 +5,7 @@ import asyncio
 import base64
 import io
 import json
+import sys
 import threading
 from types import SimpleNamespace
 
@@ -285,6 +286,14 @@ def test_cli_refuses_wrong_models_in_one_line(served, tmp_path, capsys):
         assert main(["serve", *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("vlfm serve: error: ") and words in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_without_the_serve_extra_says_how_to_install_it(served, capsys, monkeypatch):
+    from vlfm.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed: importing it raises ImportError
+    assert main(["serve", str(served.run)]) == 2
+    assert "vlfm serve needs its extra (uvicorn is not installed): pip install -e '.[serve]'" in capsys.readouterr().err
 
 
 # --- the batcher -----------------------------------------------------------------------------------------------------

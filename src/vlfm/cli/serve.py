@@ -30,11 +30,16 @@ def add_serve(p) -> None:
 
 
 def serve_command(args) -> None:
-    import uvicorn
-
     from vlfm.checkpoint import load
     from vlfm.models import VisionLanguageModel
-    from vlfm.serve import Limits, create_app
+    from vlfm.serve import Limits
+
+    try:
+        import uvicorn
+
+        from vlfm.serve import create_app
+    except ImportError as error:
+        raise UsageError(f"vlfm serve needs its extra ({error.name} is not installed): pip install -e '.[serve]'") from None
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is not a port (0-65535)")
