@@ -9,7 +9,7 @@ TOWER_STEPS ?= 1800
 # the assistant's tower keeps the grey colour-free scenes its stages were tuned on (docs/experiments.md, 10.1)
 TOWER_WORLD := -o data.world.colour_free_fraction=0.3 -o data.world.colour_free_style=grey
 
-.PHONY: setup demo demo-siglip demo-vlm test test-slow test-all bench bench-vlm parity-open-clip lint clean
+.PHONY: setup browser demo demo-siglip demo-vlm test test-slow test-all bench bench-vlm bench-serve parity-open-clip lint clean
 
 setup: $(VENV)/.installed
 
@@ -37,7 +37,11 @@ demo-vlm: setup  ## the LLaVA-style assistant on the built-in world (<= 20 minut
 	$(BIN)/vlfm chat runs/vlm-$(RUN_NAME) --scene 1 --save runs/vlm-$(RUN_NAME)/scene-1.png
 	$(BIN)/vlfm chat runs/vlm-$(RUN_NAME) --image runs/vlm-$(RUN_NAME)/scene-1.png --prompt "describe the image."
 
-test: setup  ## fast tests (slow end-to-end runs are deselected)
+# The web page's test drives Debian's chromium headless (playwright with that executable); installed once as root.
+browser:
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
+
+test: setup browser  ## fast tests (slow end-to-end runs are deselected)
 	$(BIN)/python -m pytest -q
 
 test-slow: setup  ## the slow end-to-end trainings (presets, the assistant) with their floors, two at a time
@@ -63,6 +67,9 @@ bench: $(BENCH_VENV)/.installed  ## vlfm vs open_clip training samples/s (flags:
 
 bench-vlm: setup  ## stage-2 step memory and tokens/s: full fine-tuning vs LoRA vs LoRA + gradient checkpointing
 	$(BIN)/python bench/vlm_memory.py $(BENCH_ARGS)
+
+bench-serve: setup  ## vlfm serve at 32 concurrent clients on loopback: batching on vs off (throughput, p50/p99)
+	$(BIN)/python bench/serve.py $(BENCH_ARGS)
 
 parity-open-clip: $(BENCH_VENV)/.installed  ## open_clip's own ViT-B models (random weights) loaded by vlfm: feature differences
 	$(BENCH_VENV)/bin/python bench/open_clip_parity.py

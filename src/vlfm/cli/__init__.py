@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from vlfm.cli import assistant, models, search, training
+from vlfm.cli import assistant, models, search, serve, training
 from vlfm.io import VlfmError
 
 # name -> (help, adds the arguments, runs the command)
@@ -32,6 +32,8 @@ COMMANDS = {
                search.search_command),
     "chat": ("talk with a trained assistant about an image (interactive, or --prompt once)", assistant.add_chat,
              assistant.chat_command),
+    "serve": ("serve a model over HTTP: embeddings, zero-shot, search and chat APIs and a web page", serve.add_serve,
+              serve.serve_command),
 }  # fmt: skip
 
 

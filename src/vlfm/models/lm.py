@@ -212,9 +212,10 @@ class LanguageModel(SavedModel, nn.Module):
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, max_new_tokens: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, stop_tokens=None,
-                 generator: torch.Generator | None = None) -> list[list[int]]:
+                 generator: torch.Generator | None = None, on_step=None) -> list[list[int]]:
         """New token ids per row (the stop token excluded). Prompts are left-padded ids or embeddings (a VLM's
-        spliced image features); greedy at temperature 0, else temperature + nucleus (top_p) sampling."""
+        spliced image features); greedy at temperature 0, else temperature + nucleus (top_p) sampling.
+        `on_step(out)`, if given, sees the token lists so far after every step (a server streams them)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if temperature < 0 or not 0 < top_p <= 1:
@@ -239,6 +240,8 @@ class LanguageModel(SavedModel, nn.Module):
                     running[row] = False
                 elif running[row]:
                     out[row].append(t)
+            if on_step is not None:
+                on_step(out)
             if not any(running) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)  # finished rows keep decoding; their tokens are dropped
