@@ -160,6 +160,18 @@ def test_chat_equals_model_chat_and_streams_the_same_answer(client, served):
     assert sampled["choices"][0]["message"]["content"] == served.vlm.chat(image, question, max_new_tokens=6, temperature=1.0, generator=generator)
 
 
+def test_api_docs_render_offline(client):
+    """/docs is Swagger UI from files the server ships: every script and stylesheet it names is served here."""
+    import re
+
+    page = client.get("/docs")
+    assert page.status_code == 200 and "/openapi.json" in page.text
+    assets = re.findall(r"""(?:src|href)=["'](/[^"']+\.(?:js|css))""", page.text)
+    assert len(assets) >= 2 and not re.search(r"""(?:src|href)=["']https?://""", page.text)
+    for asset in assets:
+        assert client.get(asset).status_code == 200, asset
+
+
 def test_healthz_page_and_metrics(client):
     assert client.get("/healthz").json() == {"status": "ok", "model": "tiny", "search": True, "chat": True, "auth": False}
     page = client.get("/")

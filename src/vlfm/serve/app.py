@@ -13,6 +13,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
 from vlfm.io import VlfmError
@@ -68,7 +69,8 @@ def create_app(model, name: str = "model", index: str | Path | None = None, vlm=
         yield
         batcher.stop()
 
-    app = FastAPI(title="vlfm", summary="Embeddings, zero-shot classification, search and chat over vlfm models.",
+    # FastAPIOffline: /docs and /redoc from files shipped in the package (FastAPI's own load them from a CDN)
+    app = FastAPIOffline(title="vlfm", summary="Embeddings, zero-shot classification, search and chat over vlfm models.",
                   version="1", lifespan=lifespan)  # fmt: skip
     app.state.server = server
     _install_error_handlers(app)
