@@ -12,7 +12,6 @@ import time
 import numpy as np
 import pytest
 from test_distributed_train import free_port
-from test_search import scenes  # noqa: F401  (300 scenes, broken.png, captions.jsonl)
 
 import vlfm
 from vlfm.cli import main
