@@ -1,4 +1,4 @@
-"""Commands that use a trained model: `vlfm eval | classify | embed | info | convert | verify`."""
+"""Commands that use a trained model: `vlfm eval | classify | embed | info | convert | export | verify`."""
 
 from __future__ import annotations
 
@@ -212,6 +212,20 @@ def convert_command(args) -> None:
     model = load(args.checkpoint, config=args.config)
     out = export_hf(model, args.out) if args.to == "hf" else model.save(args.out)
     print(f"wrote {args.to} checkpoint {out}")
+
+
+def add_export(p) -> None:
+    p.add_argument("checkpoint", help="an image-text model (any layout vlfm loads)")
+    p.add_argument("out", help="output directory: image_encoder.onnx, text_encoder.onnx, preprocess.json, tokenizer.json")
+    p.add_argument("--to", choices=("onnx",), required=True)
+
+
+def export_command(args) -> None:
+    from vlfm.checkpoint import load
+    from vlfm.models.onnx import export_onnx
+
+    out = export_onnx(two_tower(load(args.checkpoint), "export"), args.out)
+    print(f"wrote {args.to} encoders to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
 
 
 def add_verify(p) -> None:
