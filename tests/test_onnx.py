@@ -58,3 +58,14 @@ def test_export_refuses_a_text_encoder(trained_run, tmp_path, capsys):
     assert main(["export", str(tmp_path / "text"), str(tmp_path / "o"), "--to", "onnx"]) == 2
     assert "export needs an image-text model; this checkpoint is a TextEncoder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_export_leaves_the_model_in_its_mode(trained_run, tmp_path, training):
+    """The exporter puts a module it found training back into training mode: a model in eval mode must stay there
+    (BatchNorm's batch statistics would change the caller's next embeddings)."""
+    from vlfm.models.onnx import export_onnx
+
+    model = vlfm.load(trained_run).train(training)
+    export_onnx(model, tmp_path / "onnx")
+    assert model.training is training and all(m.training is training for m in model.modules())
