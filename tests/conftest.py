@@ -38,6 +38,24 @@ def trained_run(tmp_path_factory):
     return config.run_dir
 
 
+@pytest.fixture(scope="session")
+def scenes(tmp_path_factory):
+    """300 rendered 32-px scenes as PNG files, a corrupt one, and a caption file for them."""
+    from vlfm.data.shapes import ShapesWorld, WorldConfig
+    from vlfm.data.world_text import captions
+
+    folder = tmp_path_factory.mktemp("scenes")
+    world = ShapesWorld(WorldConfig(image_size=32))
+    rows = []
+    for i in range(300):
+        scene = world.scene("val", i)
+        world.render(scene).save(folder / f"{i:04d}.png")
+        rows.append({"filepath": f"{i:04d}.png", "caption": captions(scene)[0]})
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder
+
+
 def write_clip_files(directory):
     """A byte-level vocabulary (every byte, alone and word-final) plus merges that spell CLIP_WORDS."""
     alphabet = sorted(ByteLevel.alphabet())

@@ -8,24 +8,7 @@ from PIL import Image
 
 import vlfm
 from vlfm.cli import main
-from vlfm.data.shapes import ShapesWorld, WorldConfig
-from vlfm.data.world_text import captions
 from vlfm.search import SearchError, SearchIndex
-
-
-@pytest.fixture(scope="module")
-def scenes(tmp_path_factory):
-    """300 rendered 32-px scenes as PNG files, a corrupt one, and a caption file for them."""
-    folder = tmp_path_factory.mktemp("scenes")
-    world = ShapesWorld(WorldConfig(image_size=32))
-    rows = []
-    for i in range(300):
-        scene = world.scene("val", i)
-        world.render(scene).save(folder / f"{i:04d}.png")
-        rows.append({"filepath": f"{i:04d}.png", "caption": captions(scene)[0]})
-    (folder / "broken.png").write_bytes(b"not a png")
-    (folder / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return folder
 
 
 def brute_force(model, folder, query, k):

@@ -46,6 +46,12 @@ def init_from_env(backend: str | None = None, timeout: timedelta = timedelta(min
     return device
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing in a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def local_batch_size(global_batch_size: int, world: int | None = None) -> int:
     """The rows each rank holds when a global batch is split evenly (the losses need equal shards)."""
     world = world_size() if world is None else world

@@ -18,12 +18,15 @@ COMMANDS = {
     "train": ("train a model from a YAML preset (configs/*.yaml)", training.add_train, training.train_command),
     "eval": ("evaluate a model: the built-in world's benchmark, or a task on a dataset", models.add_eval, models.eval_command),
     "classify": ("zero-shot classify images among natural-language labels", models.add_classify, models.classify_command),
-    "embed": ("write normalised embeddings of images or texts to a .npy file", models.add_embed, models.embed_command),
+    "embed": ("write normalised embeddings of texts, or of a collection of images (decoding workers, resumable, "
+              "torchrun), to a .npy file", models.add_embed, models.embed_command),
     "info": ("describe a checkpoint: architecture, sizes, files", models.add_info, models.info_command),
     "verify": ("check a checkpoint's files against its manifest (sizes, sha256) and every tensor for NaN / inf",
                models.add_verify, models.verify_command),
     "convert": ("convert a checkpoint: vlfm / Hugging Face / open_clip -> vlfm or Hugging Face", models.add_convert,
                 models.convert_command),
+    "export": ("export a model's image and text encoders for deployment: ONNX graphs (dynamic batch) with the "
+               "preprocessing and tokenizer files", models.add_export, models.export_command),
     "data": ("data tools: shard (write WebDataset shards)", training.add_data, training.data_command),
     "adapt": ("fine-tune the image tower on a labelled set (full or LoRA), with a WiSE-FT curve", training.add_adapt,
               training.adapt_command),

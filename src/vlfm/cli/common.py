@@ -4,6 +4,7 @@ argparse types that check a flag's range."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -75,3 +76,30 @@ def text(value: str) -> str:
 def unit_floats(value: str) -> list[float]:
     """An argparse `type=`: comma-separated numbers, each in [0, 1] (e.g. WiSE-FT's mixing alphas)."""
     return [unit_float(item.strip()) for item in value.split(",")]
+
+
+def add_collection_flags(p) -> None:
+    """Flags of the collection pipeline (search/collection.py) that `embed --images` and `index` share."""
+    from vlfm.search.collection import default_workers
+
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--workers", type=non_negative_int, default=default_workers(),
+                   help=f"decoding processes (0: decode in the main process; default {default_workers()})")
+    p.add_argument("--chunk-size", type=positive_int, default=512,
+                   help="images per chunk file (the unit a rerun resumes from)")
+    add_max_pixels(p, "images (skipped and counted)")
+
+
+@contextlib.contextmanager
+def distributed_run():
+    """Under torchrun: join the process group for the block and leave it after (ranks share the work)."""
+    import torch.distributed as dist
+
+    from vlfm.search.collection import start_distributed
+
+    joined = start_distributed()
+    try:
+        yield
+    finally:
+        if joined:
+            dist.destroy_process_group()

@@ -1,13 +1,22 @@
-"""Commands that use a trained model: `vlfm eval | classify | embed | info | convert | verify`."""
+"""Commands that use a trained model: `vlfm eval | classify | embed | info | convert | export | verify`."""
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
+from vlfm import distributed
 from vlfm.cli.assistant import describe, eval_vlm
-from vlfm.cli.common import add_max_pixels, output_home, positive_int, print_json, text, two_tower
+from vlfm.cli.common import (
+    add_collection_flags,
+    add_max_pixels,
+    distributed_run,
+    output_home,
+    positive_int,
+    print_json,
+    text,
+    two_tower,
+)
 from vlfm.io import UsageError, open_image
 
 
@@ -103,52 +112,52 @@ def classify_command(args) -> None:
 def add_embed(p) -> None:
     p.add_argument("checkpoint")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", help="folder of images (sorted by name; undecodable ones are skipped)")
+    source.add_argument("--images", help="an image folder, a caption file (.csv/.tsv/.jsonl) or WebDataset shards "
+                                         "(undecodable images are skipped and counted)")  # fmt: skip
     source.add_argument("--texts", help="text file, one text per line")
     p.add_argument("--out", required=True, help="output .npy (.npy is added if missing; a .txt beside it lists the rows)")
-    p.add_argument("--batch-size", type=positive_int, default=256)
-    add_max_pixels(p, "--images: images (skipped and counted)")
+    add_collection_flags(p)
 
 
 def embed_command(args) -> None:
-    import numpy as np
-
     from vlfm.checkpoint import load
 
-    model = load(args.checkpoint)
-    if args.texts:
-        text_file = Path(args.texts)
-        if not text_file.is_file():
-            raise FileNotFoundError(f"text file {str(text_file)!r} does not exist")
-        rows = [line.strip() for line in text_file.read_text().splitlines() if line.strip()]
-        if not rows:
-            raise UsageError(f"{text_file} has no non-empty lines")
-        embeddings = model.embed_texts(rows, args.batch_size)
-    else:
-        two_tower(model, "embed --images")
-        from vlfm.data.sources import list_images
-        from vlfm.io import decode_image
-
-        try:
-            size = model.preprocess_config.image_size
-            decoded = [(path, decode_image(path, args.max_pixels, size)) for path in list_images(args.images)]
-        except ValueError as error:
-            raise UsageError(str(error)) from None
-        images, rows = [image for _, image in decoded if image is not None], [str(p) for p, image in decoded if image is not None]
-        skipped = [path.name for path, image in decoded if image is None]
-        if skipped:
-            logging.getLogger("vlfm").warning("skipped %d undecodable or oversized image(s): %s", len(skipped),
-                                              ", ".join(skipped[:5]))  # fmt: skip
-        if not images:
-            raise UsageError(f"{args.images} holds no readable images")
-        embeddings = model.embed_images(images, args.batch_size)
     out = Path(args.out)
     if out.suffix != ".npy":  # np.save would add it: name the file actually written
         out = out.with_name(out.name + ".npy")
+    model = load(args.checkpoint)
+    if args.images:
+        return _embed_images(two_tower(model, "embed --images"), args, out)
+    import numpy as np
+
+    text_file = Path(args.texts)
+    if not text_file.is_file():
+        raise FileNotFoundError(f"text file {str(text_file)!r} does not exist")
+    rows = [line.strip() for line in text_file.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise UsageError(f"{text_file} has no non-empty lines")
+    embeddings = model.embed_texts(rows, args.batch_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, embeddings.cpu().numpy().astype(np.float32))
     out.with_suffix(".txt").write_text("\n".join(rows) + "\n")
     print(f"wrote {tuple(embeddings.shape)} embeddings to {out}")
+
+
+def _embed_images(model, args, out: Path) -> None:
+    """The collection pipeline (search/collection.py): chunks in OUT.parts/ until merged into OUT.npy + OUT.txt."""
+    import shutil
+
+    from vlfm.search.collection import Collection, embed_collection, write_embeddings
+
+    collection = Collection.from_source(args.images)
+    with distributed_run():
+        work = out.with_suffix(".parts")
+        paths = embed_collection(model, collection, work, args.batch_size, args.workers, args.chunk_size,
+                                 args.max_pixels)  # fmt: skip
+        if distributed.rank() == 0:
+            stats = write_embeddings(paths, out)
+            shutil.rmtree(work)
+            print(json.dumps({**stats, "out": str(out)}))
 
 
 def add_info(p) -> None:
@@ -204,6 +213,20 @@ def convert_command(args) -> None:
     model = load(args.checkpoint, config=args.config)
     out = export_hf(model, args.out) if args.to == "hf" else model.save(args.out)
     print(f"wrote {args.to} checkpoint {out}")
+
+
+def add_export(p) -> None:
+    p.add_argument("checkpoint", help="an image-text model (any layout vlfm loads)")
+    p.add_argument("out", help="output directory: image_encoder.onnx, text_encoder.onnx, preprocess.json, tokenizer.json")
+    p.add_argument("--to", choices=("onnx",), required=True)
+
+
+def export_command(args) -> None:
+    from vlfm.checkpoint import load
+    from vlfm.models.onnx import export_onnx
+
+    out = export_onnx(two_tower(load(args.checkpoint), "export"), args.out)
+    print(f"wrote {args.to} encoders to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
 
 
 def add_verify(p) -> None:

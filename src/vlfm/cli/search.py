@@ -5,7 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vlfm.cli.common import add_max_pixels, positive_int, text, two_tower
+from vlfm import distributed
+from vlfm.cli.common import (
+    add_collection_flags,
+    add_max_pixels,
+    distributed_run,
+    positive_int,
+    text,
+    two_tower,
+)
 from vlfm.io import UsageError, open_image
 
 
@@ -23,10 +31,10 @@ def add_index(p) -> None:
     a.add_argument("index")
     for q in (b, a):
         source = q.add_mutually_exclusive_group(required=True)
-        source.add_argument("--images", help="folder of images (undecodable ones are skipped and counted)")
+        source.add_argument("--images", help="an image folder, a caption file or WebDataset shards "
+                                             "(undecodable images are skipped and counted)")  # fmt: skip
         source.add_argument("--captions", help="caption file (.csv/.tsv/.jsonl with filepath, caption): captions are stored")
-        q.add_argument("--batch-size", type=positive_int, default=256)
-        add_max_pixels(q, "images (skipped and counted)")
+        add_collection_flags(q)
 
 
 def add_search(p) -> None:
@@ -39,39 +47,40 @@ def add_search(p) -> None:
     add_max_pixels(p, "--image: an image")
 
 
-def _index_items(args) -> list[tuple[Path, str]]:
-    from vlfm.data.sources import list_images, read_caption_file
-
-    try:
-        if args.images:
-            return [(path, "") for path in list_images(args.images)]
-        return read_caption_file(args.captions)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-
-
 def index_command(args) -> None:
     from vlfm.checkpoint import load
     from vlfm.search import SearchIndex
+    from vlfm.search.collection import Collection
 
-    items = _index_items(args)
-    if args.index_command == "build":
-        model_path = args.checkpoint
-        model = two_tower(load(model_path), "index build")
-        if (Path(args.out) / "meta.sqlite").is_file():
+    collection = Collection.from_source(args.images or args.captions)
+    with distributed_run():
+        if args.index_command == "build":
+            model = two_tower(load(args.checkpoint), "index build")
+            if distributed.rank() == 0:
+                _open_or_create(args, model)
+            distributed.barrier()  # the other ranks open what rank 0 created
             index = SearchIndex.open(args.out)
-            print(f"resuming {args.out} ({len(index)} items already indexed)")
         else:
-            index = SearchIndex.create(args.out, model, str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
-                                       args.kind, args.hnsw_m, args.nlist, args.pq_m)  # fmt: skip
-    else:
-        index = SearchIndex.open(args.index)
-        model = two_tower(load(index.info["model_path"]), "index add")
-    stats = index.add_images(model, items, args.batch_size, max_pixels=args.max_pixels)
+            index = SearchIndex.open(args.index)
+            model = two_tower(load(index.info["model_path"]), "index add")
+        stats = index.add_collection(model, collection, args.batch_size, args.workers, args.chunk_size, args.max_pixels)
+    if not stats:  # another rank than 0: rank 0 merged the chunks and reports
+        return
     print(json.dumps(stats))
     if stats["skipped"] and not stats["added"] and not len(index):
         raise UsageError(f"none of the {stats['skipped']} images could be decoded (or all are over --max-pixels); "
                          "the index is empty")  # fmt: skip
+
+
+def _open_or_create(args, model) -> None:
+    from vlfm.search import SearchIndex
+
+    if (Path(args.out) / "meta.sqlite").is_file():
+        print(f"resuming {args.out} ({len(SearchIndex.open(args.out))} items already indexed)")
+        return
+    model_path = args.checkpoint
+    SearchIndex.create(args.out, model, str(Path(model_path).resolve()) if Path(model_path).exists() else model_path,
+                       args.kind, args.hnsw_m, args.nlist, args.pq_m)  # fmt: skip
 
 
 def search_command(args) -> None:

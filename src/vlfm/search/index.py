@@ -5,8 +5,8 @@ An index is a directory:
                 kind flat (exact), hnsw (graph) or ivfpq (inverted lists + product codes, re-ranked exactly)
   meta.sqlite   items(id, path, caption) and info(key, value): the model's path and fingerprint, dim, kind
 
-Building is incremental and survives interruption: each batch is embedded, its rows are committed, then the
-FAISS file is replaced atomically. On open, committed rows the FAISS file does not hold (a crash between the
+Building is incremental and survives interruption: images are embedded by search/collection.py (chunk files in
+`embedding/`, resumable), then each chunk's rows are committed and the FAISS file is replaced atomically. On open, committed rows the FAISS file does not hold (a crash between the
 two writes) are dropped, and adding the same source again skips every path already indexed: re-running a build
 resumes it.
 Queries must be embedded by the model that built the index (checked by fingerprint).
@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from vlfm import distributed
 from vlfm.io import MAX_PIXELS, SearchError, decode_image
+from vlfm.search.collection import Collection, embed_collection, read_chunks, report_skipped
 
 log = logging.getLogger("vlfm")
 KINDS = ("flat", "hnsw", "ivfpq")
@@ -115,28 +117,32 @@ class SearchIndex:
     # --- adding -----------------------------------------------------------------------------------------------
     def add_images(self, model, items: Iterable[tuple[Path, str]], batch_size: int = 256, progress: bool = True,
                    max_pixels: int = MAX_PIXELS) -> dict:  # fmt: skip
-        """Embed and add (path, caption) items, skipping paths already indexed and images that do not decode or
-        are over `max_pixels` (io.read_image; JPEGs decoded no larger than the model needs)."""
+        """Embed and add (path, caption) items in one process, in chunks of `batch_size` (add_collection)."""
+        collection = Collection(items=[(str(p), c) for p, c in items])
+        return self.add_collection(model, collection, batch_size, chunk_size=batch_size, max_pixels=max_pixels,
+                                   progress=progress)  # fmt: skip
+
+    def add_collection(self, model, collection: Collection, batch_size: int = 256, workers: int = 0,
+                       chunk_size: int = 512, max_pixels: int = MAX_PIXELS, progress: bool = True) -> dict:  # fmt: skip
+        """Embed a collection (search/collection.py: decoding workers, chunks in `embedding/`, resumable, shared
+        among torchrun ranks) and add it, skipping paths already indexed and images that do not decode or are
+        over `max_pixels`. Rank 0 adds the chunks in order and returns the counts; other ranks return {}."""
         self.check_model(model)
         done = {p for (p,) in self.db.execute("SELECT path FROM items")}
-        todo = [(str(p), c) for p, c in items if str(p) not in done]
-        added, skipped = 0, []
-        bar = tqdm(total=len(todo), desc="index", unit="img", disable=not progress)
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            decoded = [(item, decode_image(item[0], max_pixels, model.preprocess_config.image_size)) for item in chunk]
-            skipped += [item[0] for item, image in decoded if image is None]
-            good = [(item, image) for item, image in decoded if image is not None]
-            if good:
-                vectors = model.embed_images([image for _, image in good]).cpu().numpy().astype(np.float32)
-                self._add(vectors, [item for item, _ in good])
-                added += len(good)
-            bar.update(len(chunk))
-        bar.close()
+        work = self.directory / "embedding"
+        paths = embed_collection(model, collection, work, batch_size, workers, chunk_size, max_pixels, progress, done)
+        if distributed.rank() != 0:
+            return {}
+        chunks, added = list(read_chunks(paths)), 0
+        for chunk in chunks:
+            new = [n for n, i in enumerate(chunk.ids) if i not in done]  # a merge cut short added some already
+            if new:
+                self._add(chunk.vectors[new], [(chunk.ids[n], chunk.captions[n]) for n in new])
+                added += len(new)
         self._flush_staged()
-        if skipped:
-            log.warning("skipped %d undecodable or oversized image(s), e.g. %s", len(skipped), skipped[0])
-        return {"added": added, "skipped": len(skipped), "already_indexed": len(done), "total": len(self)}
+        skipped = report_skipped(chunks)
+        shutil.rmtree(work)
+        return {"added": added, "skipped": skipped, "already_indexed": len(done), "total": len(self)}
 
     def _add(self, vectors: np.ndarray, items: list[tuple[str, str]]) -> None:
         if not self.index.is_trained:
