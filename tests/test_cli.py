@@ -62,6 +62,9 @@ def test_classify_embed_info(capsys, tmp_path, trained_run):
 
 def test_eval_writes_eval_json(capsys, trained_run):
     (trained_run / "eval.json").unlink()
-    assert main(["eval", str(trained_run), "--retrieval-size", "40", "--classify-size", "10"]) == 0
+    assert main(["eval", str(trained_run), "--retrieval-size", "40", "--classify-size", "10", "--ood-per-class", "1"]) == 0
     metrics = json.loads((trained_run / "eval.json").read_text())
     assert {"zeroshot_top1", "zeroshot_top5", "t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5"} <= set(metrics)
+    # out of domain beside in domain: 30-way zero-shot and class-name search on the independent renderer
+    assert {"ood_zeroshot_top1", "ood_t2i_p1", "ood_t2i_p10", "single_t2i_p10"} <= set(metrics)
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("ood_zeroshot_top1", "ood_t2i_p10", "single_t2i_p10"))

@@ -25,13 +25,15 @@ def add_eval(p) -> None:
     p.add_argument("--task", choices=("world", "zeroshot_classification", "zeroshot_retrieval", "linear_probe"),
                    default="world", help="world (default): zero-shot + retrieval on the built-in world -> eval.json")
     p.add_argument("--dataset", default="shapes",
-                   help="shapes | digits | lfw_subset | a folder of class folders | a caption file (zeroshot_retrieval)")
+                   help="shapes | shapes-ood | digits | lfw_subset | a folder of class folders | a caption file (zeroshot_retrieval)")
     p.add_argument("--features", choices=("embedding", "pooled", "tokens"), default="pooled",
                    help="linear_probe: which frozen image features")
     p.add_argument("--csv", default="runs/eval_results.csv", help="a row per (model, dataset, task) is appended here")
     p.add_argument("--out", help="where to write the JSON (default: beside the checkpoint)")
     p.add_argument("--retrieval-size", type=positive_int, default=1000, help="world: held-out scenes for retrieval")
     p.add_argument("--classify-size", type=positive_int, default=500, help="world: single-object scenes per zero-shot set")
+    p.add_argument("--ood-per-class", type=int, default=20,
+                   help="world: shapes-ood drawings per label for the out-of-domain metrics (ood_*); 0: none")
     p.add_argument("--vqa-size", type=positive_int, default=300, help="world, VLM checkpoints: unseen scenes for VQA (vqa_acc)")
 
 
@@ -62,7 +64,8 @@ def eval_command(args) -> None:
             world = from_dict(RunConfig, yaml.safe_load(run_config.read_text())).data.world
         else:
             world = WorldConfig(image_size=model.config.vision.image_size)
-        metrics = WorldBenchmark(world, args.classify_size, args.retrieval_size).evaluate(model)
+        metrics = WorldBenchmark(world, args.classify_size, args.retrieval_size,
+                                 ood_per_class=max(0, args.ood_per_class)).evaluate(model)
         out = Path(args.out) if args.out else default_dir / "eval.json"
     else:
         two_tower(model, "eval")

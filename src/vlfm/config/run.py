@@ -20,6 +20,7 @@ class DataConfig:
     train_size: int = 20000  # scenes rendered for training (shapes)
     eval_size: int = 1000  # held-out scenes for retrieval
     classify_size: int = 500  # single-object scenes per zero-shot evaluation set
+    ood_per_class: int = 0  # shapes-ood drawings (data/ood.py) per label in the world benchmark: out-of-domain
     world: WorldConfig = field(default_factory=WorldConfig)
     augment: bool = False  # random resized crop (+ flip when allowed); off for shapes: it breaks "left of"
     caption_column: str = "caption"
@@ -34,6 +35,7 @@ class DataConfig:
 
     def __post_init__(self):
         check_ranges(self, "data.", {"train_size": ">= 1", "eval_size": ">= 0", "classify_size": ">= 0", "workers": ">= 0",
+                                     "ood_per_class": ">= 0",
                                      "shuffle_buffer": ">= 0"})  # fmt: skip
         if self.stream and (self.source == "shapes" or Path(self.source).suffix in (".csv", ".tsv", ".jsonl", ".json")):
             raise ConfigError(f"data.stream=true reads WebDataset shards, but data.source={self.source!r} is not shards; "

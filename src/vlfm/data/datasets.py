@@ -5,6 +5,8 @@
 - `lfw_subset`: scikit-image's 200 25x25 crops, 100 faces and 100 non-faces;
 - `shapes`: the built-in world's single-object scenes, 20 per "colour shape" label (30 classes, held-out
   combinations included);
+- `shapes-ood`: the same 30 labels drawn by an independent renderer in another style (data/ood.py), 20 each:
+  the out-of-domain counterpart of `shapes`;
 - any folder of class folders (ImageNet layout: ROOT/CLASS/*.png), class names from the folder names.
 
 Every set is split deterministically (seeded, stratified) into train / val / test for probes and fine-tuning.
@@ -26,6 +28,7 @@ from vlfm.io import decode_image
 
 log = logging.getLogger("vlfm")
 
+NAMED = ("shapes", "shapes-ood", "digits", "lfw_subset")  # the sets load_dataset knows by name
 DIGIT_NAMES = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
 # Prompt templates per named set (CLIP_benchmark's style); class folders use generic ones.
 TEMPLATES = {
@@ -70,9 +73,11 @@ def load_dataset(name: str) -> LabelledImages:
         return lfw_subset()
     if name == "shapes":
         return shapes()
+    if name == "shapes-ood":
+        return shapes_ood()
     if Path(name).is_dir():
         return class_folders(name)
-    raise ValueError(f"unknown dataset {name!r}: use shapes, digits, lfw_subset or a folder of class folders")
+    raise ValueError(f"unknown dataset {name!r}: use {', '.join(NAMED)} or a folder of class folders")
 
 
 def _grey_images(arrays: np.ndarray) -> list[Image.Image]:
@@ -109,6 +114,16 @@ def shapes(per_class: int = 20, image_size: int = 64) -> LabelledImages:
     scenes = [world.single_object_scene(i, labels) for i in range(per_class * len(labels))]
     targets = torch.tensor([labels.index(scene.objects[0].label) for scene in scenes])
     return LabelledImages("shapes", [world.render(s) for s in scenes], targets, [with_article(x) for x in labels],
+                          TEMPLATES["shapes"])  # fmt: skip
+
+
+def shapes_ood(per_class: int = 20) -> LabelledImages:
+    from vlfm.data.ood import ood_set
+    from vlfm.data.shapes import ALL_LABELS
+    from vlfm.data.world_text import with_article
+
+    images, targets = ood_set(per_class)
+    return LabelledImages("shapes-ood", images, torch.tensor(targets), [with_article(x) for x in ALL_LABELS],
                           TEMPLATES["shapes"])  # fmt: skip
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlfm.data.glyphs import render_glyph
+from vlfm.data.randomise import free_scale, render_randomised
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 35, 35),
@@ -77,6 +78,10 @@ class WorldConfig:
     # Fraction of train and val scenes that show one rendered digit glyph instead of shapes (data/glyphs.py):
     # captions such as "the digit 7", for zero-shot digit recognition on real handwriting.
     glyph_fraction: float = 0.0
+    # Domain randomisation (data/randomise.py): how often and how far each drawing factor that should not matter
+    # (background, scale, rotation, outline, edges, resizing, noise, blur, JPEG) varies in training scenes; 0 draws
+    # the plain world. Evaluation scenes stay plain: the in-domain benchmark.
+    randomise: float = 0.0
 
     # keys of earlier versions (config.yaml of older runs) -> their names now
     RENAMED: ClassVar[dict[str, str]] = {"grey_fraction": "colour_free_fraction", "grey_colours": "colour_free_style"}
@@ -114,6 +119,8 @@ class WorldConfig:
             raise ValueError(f"world.colour_free_style={self.colour_free_style!r} is not one of: {', '.join(COLOUR_FREE_STYLES)}")
         if not 0.0 <= self.glyph_fraction < 1.0:
             raise ValueError(f"world.glyph_fraction={self.glyph_fraction} must be in [0, 1)")
+        if not 0.0 <= self.randomise <= 1.0:
+            raise ValueError(f"world.randomise={self.randomise} must be in [0, 1]")
         if self.seed < 0:
             raise ValueError(f"world.seed={self.seed} must be >= 0")
 
@@ -138,6 +145,7 @@ class Scene:
     grey: bool = False  # its captions and questions never name a colour; drawn as world.colour_free_style says
     off_palette: bool = False  # a grey scene whose objects take colours outside the palette
     digit: int | None = None  # a glyph scene: one rendered digit and no shapes
+    randomised: float = 0.0  # domain randomisation strength it is drawn with (data/randomise.py)
 
 
 class ShapesWorld:
@@ -165,6 +173,8 @@ class ShapesWorld:
         scene = self._make_scene(rng, labels, min(n, len(labels)))
         if split == "train" and self.config.colour_free_fraction and rng.random() < self.config.colour_free_fraction:
             scene = replace(scene, grey=True, off_palette=self.config.colour_free_style == "off_palette")
+        if split == "train" and self.config.randomise:
+            scene = replace(scene, randomised=self.config.randomise)
         return scene
 
     def single_object_scene(self, index: int, combos: list[str]) -> Scene:
@@ -288,9 +298,22 @@ def _off_palette(rng: np.random.Generator, background: float) -> np.ndarray:
             return colour
 
 
+def _colour(scene: Scene, obj: Obj, rng: np.random.Generator, background: float) -> np.ndarray:
+    """An object's colour: its named colour jittered, or for a colour-free scene a grey level or off-palette colour."""
+    colour = np.clip(np.array(COLOURS[obj.colour]) + rng.integers(-15, 16, size=3), 0, 255)
+    if scene.off_palette:
+        return _off_palette(rng, background)
+    return np.full(3, _grey_level(rng, background)) if scene.grey else colour
+
+
 def render(scene: Scene, image_size: int = 64) -> Image.Image:
     if scene.digit is not None:
         return render_glyph(scene.digit, scene.background, image_size)
+    if scene.randomised:
+        image = render_randomised(scene, image_size, scene.randomised, SIZE_EXTENT,
+                                  lambda obj, rng, back: _colour(scene, obj, rng, back), _PALETTE,
+                                  free_scale(scene.objects, _HALF, _GAP))  # fmt: skip
+        return image.convert("L").convert("RGB") if scene.grey and not scene.off_palette else image
     rng = np.random.default_rng(scene.background % 2**32)
     n, s = image_size, image_size * _SUPERSAMPLE
     back = _background(rng, n)
@@ -301,11 +324,7 @@ def render(scene: Scene, image_size: int = 64) -> Image.Image:
         lo, hi = SIZE_EXTENT[obj.size]
         extent = rng.uniform(lo, hi) * s
         rx, ry = extent / 2 * rng.uniform(0.92, 1.0, size=2)  # a little aspect jitter, never beyond the box
-        colour = np.clip(np.array(COLOURS[obj.colour]) + rng.integers(-15, 16, size=3), 0, 255)
-        if scene.off_palette:
-            colour = _off_palette(rng, background)
-        elif scene.grey:
-            colour = np.full(3, _grey_level(rng, background))
+        colour = _colour(scene, obj, rng, background)
         _draw(draw, obj.shape, obj.x * s, obj.y * s, rx, ry, tuple(int(c) for c in colour))
     img = np.asarray(bg.resize((n, n), Image.BOX), dtype=np.float32)
     # Pixel noise after compositing: objects are not flat colour either, so colour is a region statistic.

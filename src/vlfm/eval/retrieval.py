@@ -13,6 +13,18 @@ def recall_at_k(similarity: torch.Tensor, positives: torch.Tensor, ks=(1, 5, 10)
 
 
 @torch.no_grad()
+def class_retrieval(model, images, targets: torch.Tensor, classnames: list[str], ks=(1, 10)) -> dict[str, float]:
+    """Text -> image search over a labelled set: each class name is a query, the images of that class its
+    positives; t2i_p{k} is the fraction of the top k that are positives, averaged over the classes."""
+    model.eval()
+    similarity = model.embed_texts(classnames) @ model.embed_images(images).T  # (C, N)
+    positives = targets.to(similarity.device)[None, :] == torch.arange(len(classnames), device=similarity.device)[:, None]
+    ranking = similarity.topk(min(max(ks), similarity.shape[1]), dim=1).indices
+    hits = positives.gather(1, ranking).float()
+    return {f"t2i_p{k}": hits[:, :k].mean().item() for k in ks}
+
+
+@torch.no_grad()
 def retrieval(model, images, texts: list[str], positives: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
     """positives: (texts, images) bool. Returns t2i_r{k} and i2t_r{k}."""
     model.eval()

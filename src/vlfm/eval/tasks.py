@@ -2,7 +2,8 @@
 
 - zeroshot_classification: class names -> prompt templates -> text embeddings; the single-template score, the
   gain of the template ensemble and (where the dataset names synonyms) the synonym ensemble are reported;
-- zeroshot_retrieval: a caption file's images and captions, recall@k both ways;
+- zeroshot_retrieval: a caption file's images and captions, recall@k both ways; or a named labelled set (shapes,
+  shapes-ood, ...), each class name a text query over its images: precision@1 and @10 (`t2i_p1`, `t2i_p10`);
 - linear_probe: logistic regression on frozen image features (adapt/linear_probe.py).
 """
 
@@ -14,16 +15,20 @@ from pathlib import Path
 
 import torch
 
-from vlfm.data.datasets import load_dataset
+from vlfm.data.datasets import NAMED, load_dataset
 from vlfm.data.sources import load_image_text, read_caption_file
-from vlfm.eval.retrieval import retrieval
+from vlfm.eval.retrieval import class_retrieval, retrieval
 from vlfm.eval.zeroshot import zeroshot_classification
 
 CSV_COLUMNS = ["time", "model", "dataset", "task", "top1", "top5", "mean_per_class_recall", "top1_single_template",
-               "ensemble_gain", "top1_synonyms", "zeroshot_top1", "t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5"]  # fmt: skip
+               "ensemble_gain", "top1_synonyms", "zeroshot_top1", "t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5",
+               "t2i_p1", "t2i_p10"]  # fmt: skip
 
 
 def evaluate_task(model, task: str, dataset: str, features: str = "pooled") -> dict[str, float]:
+    if task == "zeroshot_retrieval" and dataset in NAMED:
+        data = load_dataset(dataset)
+        return {**class_retrieval(model, data.images, data.targets, data.classnames), "images": len(data)}
     if task == "zeroshot_retrieval":
         rows = read_caption_file(dataset)
         data = load_image_text(rows, model.preprocess_config)

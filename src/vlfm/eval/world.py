@@ -6,7 +6,9 @@ circle" must beat the seen "red square" and "blue circle". The `zeroshot_unseen_
 single-object scene (seen and held-out combinations) with words the world's captions never use: synonyms for
 the colours or shapes, and prompt openings no caption has. Retrieval queries are each scene's canonical
 caption; every scene that carries that caption is a positive (`t2i_r1`), and `*_strict` counts only the scene
-the caption was written for.
+the caption was written for. `ood_*` are the same 30-way zero-shot (`ood_zeroshot_top1`) and class-name text ->
+image precision@k (`ood_t2i_p10`) on shapes-ood, the independent renderer's drawings (data/ood.py), beside the
+in-domain single-object scenes' precision (`single_t2i_p10`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import numpy as np
 import torch
 
 from vlfm.data.datasets import TEMPLATES as DATASET_TEMPLATES
+from vlfm.data.datasets import shapes_ood
 from vlfm.data.shapes import ALL_LABELS, COLOURS, SHAPES, ShapesWorld, WorldConfig, render_many
 from vlfm.data.transforms import to_uint8_tensor
 from vlfm.data.world_text import captions, with_article
-from vlfm.eval.retrieval import retrieval
+from vlfm.eval.retrieval import class_retrieval, retrieval
 from vlfm.eval.zeroshot import zeroshot_classification
 
 # Prompt templates for the world's class names ("a red circle", "an orange star"): the openings the world's
@@ -38,7 +41,8 @@ UNSEEN_TEMPLATES = ["an illustration of {}", "a rendering of {}", "a painting of
 
 
 class WorldBenchmark:
-    def __init__(self, world_config: WorldConfig, classify_size: int = 500, retrieval_size: int = 1000, workers: int = 2):
+    def __init__(self, world_config: WorldConfig, classify_size: int = 500, retrieval_size: int = 1000, workers: int = 2,
+                 ood_per_class: int = 0):  # fmt: skip
         world = ShapesWorld(world_config)
         self.labels = list(ALL_LABELS)
         self.classnames = [with_article(label) for label in self.labels]
@@ -52,6 +56,7 @@ class WorldBenchmark:
             self.sets[name] = (pixels, targets)
         if self.sets:  # every single-object scene, for the unseen-words metrics
             self.single = tuple(torch.cat(parts) for parts in zip(*self.sets.values()))
+        self.ood = shapes_ood(ood_per_class) if ood_per_class else None
         self.retrieval_images = torch.empty(0)
         if retrieval_size:
             images, scenes = render_many(world, "val", retrieval_size, workers=workers)
@@ -77,11 +82,23 @@ class WorldBenchmark:
                 out.update(self.factors(model, px, targets, templates))
         if self.sets:
             out.update(self.unseen_words(model))
+            single = class_retrieval(model, normalize(self.single[0]), self.single[1], self.classnames)
+            out.update({f"single_{k}": v for k, v in single.items()})
+        if self.ood is not None:
+            out.update(self.out_of_domain(model, templates))
         if len(self.retrieval_images):
             pixels = normalize(self.retrieval_images)
             out.update(retrieval(model, pixels, self.queries, self.positives))
             strict = retrieval(model, pixels, self.queries, self.strict, ks=(1, 5))
             out.update({f"{k}_strict": v for k, v in strict.items()})
+        return out
+
+    @torch.no_grad()
+    def out_of_domain(self, model, templates: list[str]) -> dict[str, float]:
+        pixels = model.preprocess(self.ood.images)  # preprocessed once for classification and search
+        metrics = zeroshot_classification(model, pixels, self.ood.targets, self.classnames, templates)
+        out = {f"ood_zeroshot_{k}": v for k, v in metrics.items()}
+        out.update({f"ood_{k}": v for k, v in class_retrieval(model, pixels, self.ood.targets, self.classnames).items()})
         return out
 
     @torch.no_grad()

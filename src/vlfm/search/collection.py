@@ -38,7 +38,7 @@ LISTS = ("ids", "captions", "undecodable", "oversized", "broken")  # a chunk fil
 
 
 def default_workers() -> int:
-    """Decoding processes: one a core (on 2 cores 2 workers beat 1: docs/experiments.md §13)."""
+    """Decoding processes: one a core (on 2 cores 2 workers beat 1: docs/experiments.md §14)."""
     return max(1, min(8, os.cpu_count() or 1))
 
 

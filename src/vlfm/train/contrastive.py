@@ -93,7 +93,7 @@ class ContrastiveTask(Task):
         self.benchmark = None
         if config.data.source == "shapes" and (config.data.classify_size or config.data.eval_size):
             self.benchmark = WorldBenchmark(config.data.world, config.data.classify_size, config.data.eval_size,
-                                            workers=config.data.workers)
+                                            workers=config.data.workers, ood_per_class=config.data.ood_per_class)
         if self.stream is None:
             self._index_captions(all_captions)
 

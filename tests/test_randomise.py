@@ -1,0 +1,71 @@
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from vlfm.data.randomise import free_scale, shade
+from vlfm.data.shapes import _GAP, _HALF, _PALETTE, COLOURS, ShapesWorld, WorldConfig
+from vlfm.data.world_text import captions
+
+PLAIN = ShapesWorld(WorldConfig(colour_free_fraction=0.3, colour_free_style="off_palette"))
+RANDOM = ShapesWorld(WorldConfig(colour_free_fraction=0.3, colour_free_style="off_palette", randomise=0.8))
+
+
+def corners(world, n=60):
+    return np.array([np.asarray(world.render(world.scene("train", i)))[:3, :3].reshape(-1, 3).mean(0) for i in range(n)])
+
+
+def test_same_scenes_and_captions_only_the_drawing_varies():
+    for i in range(100):
+        plain, randomised = PLAIN.scene("train", i), RANDOM.scene("train", i)
+        assert randomised == replace(plain, randomised=0.8)
+        assert captions(randomised) == captions(plain)
+        assert not {o.label for o in randomised.objects} & set(RANDOM.config.held_out)
+    # evaluation splits stay the plain world, pixel for pixel
+    for split in ("val", "heldout", "single"):
+        a, b = PLAIN.scene(split, 3), RANDOM.scene(split, 3)
+        assert a == b and np.array_equal(np.asarray(PLAIN.render(a)), np.asarray(RANDOM.render(b)))
+
+
+def test_backgrounds_vary_in_colour_and_brightness():
+    plain, randomised = corners(PLAIN), corners(RANDOM)
+    saturation = lambda c: c.max(1) - c.min(1)  # noqa: E731
+    assert saturation(plain).max() < 40 and plain.mean(1).min() > 100  # the plain world: light greys
+    assert (saturation(randomised) > 80).mean() > 0.3  # strongly coloured backgrounds
+    assert randomised.mean(1).min() < 70 and randomised.mean(1).max() > 190  # dark and bright ones
+
+
+def test_deterministic_per_seed():
+    scene = RANDOM.scene("train", 11)
+    again = ShapesWorld(RANDOM.config).render(scene)
+    assert np.array_equal(np.asarray(RANDOM.render(scene)), np.asarray(again))
+    other = ShapesWorld(replace(RANDOM.config, seed=1))
+    assert not np.array_equal(np.asarray(RANDOM.render(scene)), np.asarray(other.render(other.scene("train", 11))))
+    assert RANDOM.render(scene).size == (64, 64)
+
+
+def test_free_scale_keeps_boxes_apart_and_inside():
+    for i in range(200):
+        objs = PLAIN.scene("train", i).objects
+        z = free_scale(objs, _HALF, _GAP)
+        assert z >= 1.0  # the placement already reserved the unscaled boxes
+        for o in objs:
+            h = _HALF[o.size] * z
+            assert min(o.x, o.y) >= h - 1e-9 and max(o.x, o.y) <= 1 - h + 1e-9
+        for a in objs:
+            for b in objs:
+                if a is not b:
+                    assert max(abs(a.x - b.x), abs(a.y - b.y)) >= (_HALF[a.size] + _HALF[b.size]) * z + _GAP - 1e-9
+
+
+def test_shades_keep_their_name():
+    rng = np.random.default_rng(0)
+    for i, rgb in enumerate(COLOURS.values()):
+        shades = np.array([shade(rng, np.array(rgb, float), _PALETTE, 45) for _ in range(50)])
+        assert np.abs(shades - rgb).max() > 20  # they do vary
+        assert (np.linalg.norm(_PALETTE[None] - shades[:, None], axis=2).argmin(1) == i).all()
+
+
+def test_bad_strength():
+    with pytest.raises(ValueError, match=r"world.randomise=1.5 must be in \[0, 1\]"):
+        WorldConfig(randomise=1.5)
