@@ -24,6 +24,7 @@ def add_eval(p) -> None:
     p.add_argument("--retrieval-size", type=positive_int, default=1000, help="world: held-out scenes for retrieval")
     p.add_argument("--classify-size", type=positive_int, default=500, help="world: single-object scenes per zero-shot set")
     p.add_argument("--vqa-size", type=positive_int, default=300, help="world, VLM checkpoints: unseen scenes for VQA (vqa_acc)")
+    add_max_pixels(p, "--dataset folder or caption file: images (skipped and counted)")
 
 
 def eval_command(args) -> None:
@@ -58,7 +59,7 @@ def eval_command(args) -> None:
     else:
         two_tower(model, "eval")
         try:
-            metrics = evaluate_task(model, args.task, args.dataset, features=args.features)
+            metrics = evaluate_task(model, args.task, args.dataset, args.features, args.max_pixels)
         except ValueError as error:
             raise UsageError(str(error)) from None
         name = Path(args.dataset).stem if Path(args.dataset).exists() else args.dataset
