@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import vlfm
+from vlfm.adapt.lora import add_lora, load_adapter, save_adapter
 from vlfm.checkpoint import (
     latest_intact_checkpoint,
     load_training_checkpoint,
@@ -22,7 +23,11 @@ from vlfm.checkpoint import (
     verify_checkpoint,
 )
 from vlfm.cli import main
+from vlfm.config import LMConfig, ModelConfig, TextConfig, VisionConfig
+from vlfm.interop.hf_lm import export_hf_lm
 from vlfm.io import CheckpointError
+from vlfm.models.lm import LanguageModel
+from vlfm.models.two_tower import TwoTowerModel
 
 
 # --- the damage ------------------------------------------------------------------------------------------
@@ -204,6 +209,35 @@ def test_verify_lists_every_non_finite_tensor(trained_run, tmp_path, capsys):
     assert main(["verify", str(tmp_path / "bad")]) == 2
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and "'logit_scale'" in out[0] and "'visual.pos_embed'" in out[1]
+
+
+def verify_lines(capsys, directory, code):
+    assert main(["verify", str(directory)]) == code
+    return capsys.readouterr().out.splitlines()
+
+
+def test_hf_exports_and_lora_adapters_carry_a_manifest_verify_checks(trained_run, tmp_path, capsys):
+    """`vlfm convert --to hf` (two towers and an LM) and a saved LoRA adapter are checked like vlfm checkpoints."""
+    vision = VisionConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2, patch_bias=False,
+                          class_token=True, pre_norm=True, pool="cls")  # what HF CLIP expresses
+    text = TextConfig(vocab_size=60, context_length=12, width=32, layers=1, heads=2, eos_token_id=59)
+    TwoTowerModel(ModelConfig(embed_dim=16, vision=vision, text=text)).save(tmp_path / "ours")
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "clip"), "--to", "hf"]) == 0
+    capsys.readouterr()
+    export_hf_lm(LanguageModel(LMConfig(vocab_size=64, width=32, layers=1, heads=2, kv_heads=2, mlp_width=48)), tmp_path / "lm")
+    module = vlfm.load(trained_run).visual
+    add_lora(module, 2, 4, ["q_proj", "v_proj"])
+    save_adapter(module, tmp_path / "adapter")
+    for name, file in (("clip", "model.safetensors"), ("lm", "config.json"), ("adapter", "adapter.safetensors")):
+        out = verify_lines(capsys, tmp_path / name, 0)
+        assert len(out) == 1 and "intact (sizes and sha256 match manifest.json" in out[0], out
+        truncated(tmp_path / name / file)
+        out = verify_lines(capsys, tmp_path / name, 2)
+        assert len(out) == 1 and f"{name}/{file}:" in out[0] and "(truncated)" in out[0], out
+    with pytest.raises(CheckpointError, match=r"clip/model\.safetensors: \d+ bytes .*\(truncated\)"):
+        vlfm.load(tmp_path / "clip")
+    with pytest.raises(CheckpointError, match=r"adapter/adapter\.safetensors: \d+ bytes .*\(truncated\)"):
+        load_adapter(vlfm.load(trained_run).visual, tmp_path / "adapter")
 
 
 # --- resume ----------------------------------------------------------------------------------------------

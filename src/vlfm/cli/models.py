@@ -208,7 +208,8 @@ def convert_command(args) -> None:
 
 
 def add_verify(p) -> None:
-    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its model/ and every training checkpoint)")
+    p.add_argument("checkpoint", help="a checkpoint directory (vlfm, a Hugging Face export, a LoRA adapter), or a run "
+                                      "directory (its model/ and every training checkpoint)")
 
 
 def verify_command(args) -> int:
@@ -221,7 +222,7 @@ def verify_command(args) -> int:
     steps = sorted(p for p in (path / "checkpoints").glob("step_*") if p.is_dir()) if path.is_dir() else []
     directories = ([path / "model"] if (path / "model").is_dir() else []) + steps
     if not directories or (path / "config.json").is_file():
-        directories = [resolve(path)]
+        directories = [path if (path / "adapter_config.json").is_file() else resolve(path)]  # a LoRA adapter alone
     damaged = False
     for directory in directories:
         problems = verify_checkpoint(directory)
