@@ -19,6 +19,7 @@ from vlfm.checkpoint import (
     load_training_checkpoint,
     make_room,
     prune_checkpoints,
+    resolve,
     save_training_checkpoint,
     verify_checkpoint,
 )
@@ -269,6 +270,21 @@ def test_resume_skips_a_damaged_checkpoint(trained_run, tmp_path, caplog, name, 
     assert state["step"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(torch.isfinite(t).all() for s in optimizer.state.values() for t in s.values())
+
+
+@pytest.mark.parametrize("damage", [truncated, data_byte_flipped])
+def test_a_run_without_model_resolves_to_its_newest_intact_checkpoint(trained_run, tmp_path, caplog, damage):
+    run = shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("model"))
+    damage(run / "checkpoints" / "step_00000006" / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="vlfm"):
+        assert resolve(run) == run / "checkpoints" / "step_00000003"
+    skipped = [r.message for r in caplog.records if "skipping checkpoint step_00000006" in r.message]
+    assert len(skipped) == 1 and "step_00000006/model.safetensors" in skipped[0]
+    loaded, older = vlfm.load(run), vlfm.load(run / "checkpoints" / "step_00000003")
+    assert all(torch.equal(v, older.state_dict()[k]) for k, v in loaded.state_dict().items())
+    damage(run / "checkpoints" / "step_00000003" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="every training checkpoint of .* is damaged"):
+        resolve(run)
 
 
 def test_resume_without_manifest_still_refuses_nan(trained_run, tmp_path):
