@@ -13,16 +13,22 @@ import torch
 from PIL import Image
 
 import vlfm
+from vlfm.adapt.lora import add_lora, load_adapter, save_adapter
 from vlfm.checkpoint import (
     latest_intact_checkpoint,
     load_training_checkpoint,
     make_room,
     prune_checkpoints,
+    resolve,
     save_training_checkpoint,
     verify_checkpoint,
 )
 from vlfm.cli import main
+from vlfm.config import LMConfig, ModelConfig, TextConfig, VisionConfig
+from vlfm.interop.hf_lm import export_hf_lm
 from vlfm.io import CheckpointError
+from vlfm.models.lm import LanguageModel
+from vlfm.models.two_tower import TwoTowerModel
 
 
 # --- the damage ------------------------------------------------------------------------------------------
@@ -206,6 +212,35 @@ def test_verify_lists_every_non_finite_tensor(trained_run, tmp_path, capsys):
     assert len(out) == 2 and "'logit_scale'" in out[0] and "'visual.pos_embed'" in out[1]
 
 
+def verify_lines(capsys, directory, code):
+    assert main(["verify", str(directory)]) == code
+    return capsys.readouterr().out.splitlines()
+
+
+def test_hf_exports_and_lora_adapters_carry_a_manifest_verify_checks(trained_run, tmp_path, capsys):
+    """`vlfm convert --to hf` (two towers and an LM) and a saved LoRA adapter are checked like vlfm checkpoints."""
+    vision = VisionConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2, patch_bias=False,
+                          class_token=True, pre_norm=True, pool="cls")  # what HF CLIP expresses
+    text = TextConfig(vocab_size=60, context_length=12, width=32, layers=1, heads=2, eos_token_id=59)
+    TwoTowerModel(ModelConfig(embed_dim=16, vision=vision, text=text)).save(tmp_path / "ours")
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "clip"), "--to", "hf"]) == 0
+    capsys.readouterr()
+    export_hf_lm(LanguageModel(LMConfig(vocab_size=64, width=32, layers=1, heads=2, kv_heads=2, mlp_width=48)), tmp_path / "lm")
+    module = vlfm.load(trained_run).visual
+    add_lora(module, 2, 4, ["q_proj", "v_proj"])
+    save_adapter(module, tmp_path / "adapter")
+    for name, file in (("clip", "model.safetensors"), ("lm", "config.json"), ("adapter", "adapter.safetensors")):
+        out = verify_lines(capsys, tmp_path / name, 0)
+        assert len(out) == 1 and "intact (sizes and sha256 match manifest.json" in out[0], out
+        truncated(tmp_path / name / file)
+        out = verify_lines(capsys, tmp_path / name, 2)
+        assert len(out) == 1 and f"{name}/{file}:" in out[0] and "(truncated)" in out[0], out
+    with pytest.raises(CheckpointError, match=r"clip/model\.safetensors: \d+ bytes .*\(truncated\)"):
+        vlfm.load(tmp_path / "clip")
+    with pytest.raises(CheckpointError, match=r"adapter/adapter\.safetensors: \d+ bytes .*\(truncated\)"):
+        load_adapter(vlfm.load(trained_run).visual, tmp_path / "adapter")
+
+
 # --- resume ----------------------------------------------------------------------------------------------
 def training_run(trained_run, run: Path, steps: int = 2):
     """A run directory with checkpoints step_1 .. step_N of the trained model and an AdamW with state."""
@@ -235,6 +270,21 @@ def test_resume_skips_a_damaged_checkpoint(trained_run, tmp_path, caplog, name, 
     assert state["step"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert all(torch.isfinite(t).all() for s in optimizer.state.values() for t in s.values())
+
+
+@pytest.mark.parametrize("damage", [truncated, data_byte_flipped])
+def test_a_run_without_model_resolves_to_its_newest_intact_checkpoint(trained_run, tmp_path, caplog, damage):
+    run = shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("model"))
+    damage(run / "checkpoints" / "step_00000006" / "model.safetensors")
+    with caplog.at_level(logging.WARNING, logger="vlfm"):
+        assert resolve(run) == run / "checkpoints" / "step_00000003"
+    skipped = [r.message for r in caplog.records if "skipping checkpoint step_00000006" in r.message]
+    assert len(skipped) == 1 and "step_00000006/model.safetensors" in skipped[0]
+    loaded, older = vlfm.load(run), vlfm.load(run / "checkpoints" / "step_00000003")
+    assert all(torch.equal(v, older.state_dict()[k]) for k, v in loaded.state_dict().items())
+    damage(run / "checkpoints" / "step_00000003" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="every training checkpoint of .* is damaged"):
+        resolve(run)
 
 
 def test_resume_without_manifest_still_refuses_nan(trained_run, tmp_path):

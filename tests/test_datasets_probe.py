@@ -112,3 +112,21 @@ def test_shapes_dataset_is_the_worlds_single_object_scenes(trained_run):
     data = load_dataset("shapes")
     assert len(data) == 600 and len(data.classnames) == 30 and data.classnames[0] == "a red circle"
     assert torch.bincount(data.targets).tolist() == [20] * 30
+
+
+def test_eval_max_pixels_skips_and_counts_oversized_images(trained_run, tmp_path):
+    folders = colour_folders(tmp_path / "colours", broken=False)
+    Image.new("RGB", (64, 64), (220, 30, 30)).save(folders / "red_thing" / "big.png")  # 4096 pixels; the rest 1024
+    rows = [{"filepath": str(p), "caption": p.parent.name.replace("_", " ")} for p in sorted(folders.glob("*/*.png"))]
+    (tmp_path / "caps.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    results = {}
+    for cap in ("4096", "4095"):
+        for task, dataset in (("zeroshot_classification", folders), ("zeroshot_retrieval", tmp_path / "caps.jsonl")):
+            out = tmp_path / f"{task}_{cap}.json"
+            assert main(["eval", str(trained_run), "--task", task, "--dataset", str(dataset), "--max-pixels", cap,
+                         "--csv", str(tmp_path / "t.csv"), "--out", str(out)]) == 0  # fmt: skip
+            results[task, cap] = json.loads(out.read_text())
+    assert results["zeroshot_classification", "4096"]["images"] == 61
+    assert results["zeroshot_classification", "4095"]["images"] == 60
+    assert [results["zeroshot_retrieval", c]["skipped"] for c in ("4096", "4095")] == [0, 1]
+    assert load_dataset(str(folders), max_pixels=4095).skipped == 1

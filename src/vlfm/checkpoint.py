@@ -44,7 +44,7 @@ log = logging.getLogger("vlfm")
 
 def resolve(path: str | Path) -> Path:
     """A model directory from a checkpoint directory (vlfm, Hugging Face or open_clip), a run directory (its
-    final model, else its latest training checkpoint), or a hub name (interop/hub.py: its snapshot in the
+    final model, else its newest intact training checkpoint), or a hub name (interop/hub.py: its snapshot in the
     Hugging Face cache, downloaded when missing; a local path always wins)."""
     if str(path).startswith("python:"):
         path = package_path(path)
@@ -56,9 +56,11 @@ def resolve(path: str | Path) -> Path:
         return path
     if (path / "model" / "config.json").is_file():
         return path / "model"
-    latest = latest_checkpoint(path)
-    if latest is not None:
-        return latest
+    if latest_checkpoint(path) is not None:  # a run without its final model: its newest intact checkpoint
+        intact = latest_intact_checkpoint(path)  # logs each newer, damaged one it skips
+        if intact is None:
+            raise CheckpointError(f"every training checkpoint of {path} is damaged (`vlfm verify {path}` lists what)")
+        return intact
     raise CheckpointError(f"{str(path)!r} is neither a checkpoint directory (config.json + model.safetensors) nor a run directory")
 
 

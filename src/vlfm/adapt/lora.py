@@ -8,10 +8,11 @@ import json
 import re
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from vlfm.io import CheckpointError
+from vlfm.io import CheckpointError, atomic_directory, load_weights, read_json
+from vlfm.models.base import check_manifest
 
 WRAPPABLE = (nn.Linear, nn.Conv2d)  # the layer types peft's LoRA wraps here
 
@@ -39,11 +40,11 @@ def adapter_state(module: nn.Module) -> dict:
 
 def save_adapter(module: nn.Module, directory: Path) -> None:
     """The adapter alone: LoRA tensors and the other trained tensors (adapter.safetensors), and its settings
-    (adapter_config.json)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    (adapter_config.json), written atomically with manifest.json as checkpoints are (`vlfm verify` checks it)."""
     state = {k: v.detach().contiguous().cpu() for k, v in adapter_state(module).items()}
-    save_file(state, str(directory / "adapter.safetensors"))
-    (directory / "adapter_config.json").write_text(json.dumps(module.lora, indent=2))
+    with atomic_directory(directory, manifest=True) as tmp:
+        save_file(state, str(tmp / "adapter.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(module.lora, indent=2))
 
 
 def load_adapter(module: nn.Module, directory: str | Path, merge: bool = True) -> nn.Module:
@@ -51,9 +52,10 @@ def load_adapter(module: nn.Module, directory: str | Path, merge: bool = True) -
     directory = Path(directory)
     if not (directory / "adapter_config.json").is_file() or not (directory / "adapter.safetensors").is_file():
         raise CheckpointError(f"{directory} has no adapter_config.json + adapter.safetensors: not a vlfm LoRA adapter")
-    settings = json.loads((directory / "adapter_config.json").read_text())
+    check_manifest(directory)  # sizes first: a cut-short file is named as such
+    settings = read_json(directory / "adapter_config.json")
     add_lora(module, settings["rank"], settings["alpha"], settings["targets"], settings.get("trainable"))
-    state = load_file(str(directory / "adapter.safetensors"))
+    state = load_weights(directory / "adapter.safetensors")
     expected = adapter_state(module)
     if set(state) != set(expected):
         missing, unexpected = len(set(expected) - set(state)), len(set(state) - set(expected))

@@ -35,6 +35,7 @@ def add_eval(p) -> None:
     p.add_argument("--ood-per-class", type=int, default=20,
                    help="world: shapes-ood drawings per label for the out-of-domain metrics (ood_*); 0: none")
     p.add_argument("--vqa-size", type=positive_int, default=300, help="world, VLM checkpoints: unseen scenes for VQA (vqa_acc)")
+    add_max_pixels(p, "--dataset folder or caption file: images (skipped and counted)")
 
 
 def eval_command(args) -> None:
@@ -70,7 +71,7 @@ def eval_command(args) -> None:
     else:
         two_tower(model, "eval")
         try:
-            metrics = evaluate_task(model, args.task, args.dataset, features=args.features)
+            metrics = evaluate_task(model, args.task, args.dataset, args.features, args.max_pixels)
         except ValueError as error:
             raise UsageError(str(error)) from None
         name = Path(args.dataset).stem if Path(args.dataset).exists() else args.dataset
@@ -233,7 +234,8 @@ def export_command(args) -> None:
 
 
 def add_verify(p) -> None:
-    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its model/ and every training checkpoint)")
+    p.add_argument("checkpoint", help="a checkpoint directory (vlfm, a Hugging Face export, a LoRA adapter), or a run "
+                                      "directory (its model/ and every training checkpoint)")
 
 
 def verify_command(args) -> int:
@@ -246,7 +248,7 @@ def verify_command(args) -> int:
     steps = sorted(p for p in (path / "checkpoints").glob("step_*") if p.is_dir()) if path.is_dir() else []
     directories = ([path / "model"] if (path / "model").is_dir() else []) + steps
     if not directories or (path / "config.json").is_file():
-        directories = [resolve(path)]
+        directories = [path if (path / "adapter_config.json").is_file() else resolve(path)]  # a LoRA adapter alone
     damaged = False
     for directory in directories:
         problems = verify_checkpoint(directory)

@@ -51,6 +51,7 @@ def add_adapt(p) -> None:
     p.add_argument("--lora-alpha", type=positive_int, default=16)
     p.add_argument("--mix", type=unit_floats, help="WiSE-FT: comma-separated alphas to evaluate, e.g. 0,0.25,0.5,0.75,1 (plot: mix.png)")
     p.add_argument("--seed", type=non_negative_int, default=0)
+    add_max_pixels(p, "--dataset folder: images (skipped and counted)")
 
 
 def adapt_command(args) -> None:
@@ -61,7 +62,7 @@ def adapt_command(args) -> None:
 
     try:
         alphas = args.mix
-        data = load_dataset(args.dataset)
+        data = load_dataset(args.dataset, args.max_pixels)
     except ValueError as error:
         raise UsageError(str(error)) from None
     model = two_tower(load(args.checkpoint), "adapt")

@@ -24,7 +24,7 @@ from PIL import Image
 
 from vlfm.data.glyphs import DIGIT_WORDS
 from vlfm.data.sources import list_images
-from vlfm.io import decode_image
+from vlfm.io import MAX_PIXELS, decode_image
 
 log = logging.getLogger("vlfm")
 
@@ -65,8 +65,8 @@ class LabelledImages:
         return {k: torch.tensor(sorted(v), dtype=torch.long) for k, v in parts.items()}
 
 
-def load_dataset(name: str) -> LabelledImages:
-    """A named set (digits, lfw_subset) or a folder of class folders."""
+def load_dataset(name: str, max_pixels: int = MAX_PIXELS) -> LabelledImages:
+    """A named set (digits, lfw_subset) or a folder of class folders (images over `max_pixels` skipped)."""
     if name == "digits":
         return digits()
     if name == "lfw_subset":
@@ -76,7 +76,7 @@ def load_dataset(name: str) -> LabelledImages:
     if name == "shapes-ood":
         return shapes_ood()
     if Path(name).is_dir():
-        return class_folders(name)
+        return class_folders(name, max_pixels)
     raise ValueError(f"unknown dataset {name!r}: use {', '.join(NAMED)} or a folder of class folders")
 
 
@@ -127,7 +127,7 @@ def shapes_ood(per_class: int = 20) -> LabelledImages:
                           TEMPLATES["shapes"])  # fmt: skip
 
 
-def class_folders(root: str | Path) -> LabelledImages:
+def class_folders(root: str | Path, max_pixels: int = MAX_PIXELS) -> LabelledImages:
     root = Path(root)
     classes = sorted(p for p in root.iterdir() if p.is_dir())
     if len(classes) < 2:
@@ -135,13 +135,13 @@ def class_folders(root: str | Path) -> LabelledImages:
     images, targets, skipped = [], [], []
     for index, folder in enumerate(classes):
         for path in list_images(folder):
-            image = decode_image(path)
+            image = decode_image(path, max_pixels)
             if image is None:
                 skipped.append(str(path))
                 continue
             images.append(image)
             targets.append(index)
     if skipped:
-        log.warning("skipped %d undecodable image(s), e.g. %s", len(skipped), skipped[0])
+        log.warning("skipped %d undecodable or oversized image(s), e.g. %s", len(skipped), skipped[0])
     names = [folder.name.replace("_", " ") for folder in classes]
     return LabelledImages(root.name, images, torch.tensor(targets), names, TEMPLATES["folder"], len(skipped))

@@ -19,24 +19,26 @@ from vlfm.data.datasets import NAMED, load_dataset
 from vlfm.data.sources import load_image_text, read_caption_file
 from vlfm.eval.retrieval import class_retrieval, retrieval
 from vlfm.eval.zeroshot import zeroshot_classification
+from vlfm.io import MAX_PIXELS
 
 CSV_COLUMNS = ["time", "model", "dataset", "task", "top1", "top5", "mean_per_class_recall", "top1_single_template",
                "ensemble_gain", "top1_synonyms", "zeroshot_top1", "t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5",
                "t2i_p1", "t2i_p10"]  # fmt: skip
 
 
-def evaluate_task(model, task: str, dataset: str, features: str = "pooled") -> dict[str, float]:
+def evaluate_task(model, task: str, dataset: str, features: str = "pooled", max_pixels: int = MAX_PIXELS) -> dict[str, float]:
+    """`task` on `dataset`; images whose header claims more than `max_pixels` are skipped and counted."""
     if task == "zeroshot_retrieval" and dataset in NAMED:
         data = load_dataset(dataset)
         return {**class_retrieval(model, data.images, data.targets, data.classnames), "images": len(data)}
     if task == "zeroshot_retrieval":
         rows = read_caption_file(dataset)
-        data = load_image_text(rows, model.preprocess_config)
+        data = load_image_text(rows, model.preprocess_config, max_pixels)
         captions = [caps[0] for caps in data.captions]
         positives = torch.tensor([[a == b for b in captions] for a in captions])  # identical captions all count
         metrics = retrieval(model, model.preprocess_config.normalize(data.images), captions, positives)
         return {**metrics, "images": len(captions), "skipped": data.skipped}
-    data = load_dataset(dataset)
+    data = load_dataset(dataset, max_pixels)
     if task == "linear_probe":
         from vlfm.adapt.linear_probe import linear_probe
 

@@ -239,7 +239,7 @@ def export_hf(model, out: str | Path) -> Path:
         "crop_size": {"height": p.image_size, "width": p.image_size},
     }  # fmt: skip
     state = from_vlfm(model.state_dict(), rules)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, manifest=True) as tmp:  # vlfm verify checks it; loading checks the sizes
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))

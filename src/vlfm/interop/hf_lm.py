@@ -172,7 +172,7 @@ def export_hf_lm(model: LanguageModel, out: str | Path) -> Path:
     }  # fmt: skip
     meta.update({"attention_bias": False, "mlp_bias": False} if kind == "llama" else {"use_sliding_window": False})
     state = from_vlfm(model.state_dict(), hf_llama_map(c))
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, manifest=True) as tmp:  # vlfm verify checks it; loading checks the sizes
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     return Path(out)
