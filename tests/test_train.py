@@ -144,6 +144,26 @@ def test_augmented_batches_are_deterministic_crops(tmp_path):
     assert not torch.equal(p["images"], a["images"])
 
 
+@pytest.mark.parametrize("pool", ["end", "last"])
+def test_training_text_is_the_text_inference_sees(tmp_path, pool):
+    """A tower pooled at the end reads the padding: training batches keep the whole context, so a caption's
+    training features equal model.embed_texts'; other poolings trim the shared padding and still equal them."""
+    from vlfm.train.contrastive import ContrastiveTask
+
+    task = ContrastiveTask(tiny_config(tmp_path, "model.kind=siglip", "model.text.causal=false", f"model.text.pool={pool}",
+                                       "data.eval_size=0", "data.classify_size=0"), torch.device("cpu"))
+    task.model.eval()
+    batch = task.batch(0, 0)
+    context = task.config.model.text.context_length
+    assert (batch["input_ids"].shape[1] == context) == (pool == "end")
+    with torch.no_grad():
+        trained = torch.nn.functional.normalize(task.model.encode_text(batch["input_ids"], batch["attention_mask"]), dim=-1)
+    ids, mask = task.caption_ids[batch["caption"]], task.caption_mask[batch["caption"]]  # as model.embed_texts pads
+    with torch.no_grad():
+        full = torch.nn.functional.normalize(task.model.encode_text(ids, mask), dim=-1)
+    torch.testing.assert_close(trained, full, atol=1e-5, rtol=0)
+
+
 def test_training_state_records_the_data_position(trained_run):
     state = json.loads((trained_run / "checkpoints" / "step_00000006" / "train_state.json").read_text())
     assert state["step"] == 6 and state["samples_seen"] == 6 * 32

@@ -137,13 +137,19 @@ class ContrastiveTask(Task):
         out = torch.empty(len(order), self.model.config.embed_dim, device=self.device)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            length = int(lengths[rows].max())
+            length = self._text_length(lengths[rows].max())
             ids, mask = self.caption_ids[rows, :length].to(self.device), self.caption_mask[rows, :length].to(self.device)
             out[rows.to(self.device)] = F.normalize(self.model.encode_text(ids, mask).float(), dim=-1)
         return out
 
     def batch_size(self) -> int:
         return self.config.train.batch_size
+
+    def _text_length(self, longest: torch.Tensor) -> int:
+        """Positions a text batch keeps: up to its longest caption (shared padding trimmed, so text cost follows
+        the captions), or the whole context for a tower pooled at the end, which reads the padding as inference does."""
+        text = self.config.model.text
+        return text.context_length if text.pool == "end" else int(longest)
 
     def batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         """This rank's slice of the micro-batch at a data position: a pure function of (seed, position), so resume
@@ -168,7 +174,7 @@ class ContrastiveTask(Task):
             images = to_uint8_tensor([crop(_to_pil(img), random.Random(f"{train.seed}/{p}")) for img, p in zip(images, positions.tolist())])
         out = {"images": images, "caption": caption}
         mask = self.caption_mask[caption]
-        length = int(mask.sum(dim=1).max())  # trim shared padding: text cost follows the longest caption
+        length = self._text_length(mask.sum(dim=1).max())
         out["input_ids"], out["attention_mask"] = self.caption_ids[caption, :length], mask[:, :length]
         return out
 
