@@ -2,6 +2,7 @@
 (a causal CLIP text tower, and a bidirectional mean-pooled one that reads the mask), with the files beside them."""
 
 import json
+import sys
 
 import numpy as np
 import onnxruntime as ort
@@ -69,3 +70,9 @@ def test_export_leaves_the_model_in_its_mode(trained_run, tmp_path, training):
     model = vlfm.load(trained_run).train(training)
     export_onnx(model, tmp_path / "onnx")
     assert model.training is training and all(m.training is training for m in model.modules())
+
+
+def test_export_without_onnx_says_what_to_install(trained_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if the onnx package were not installed
+    assert main(["export", str(trained_run), str(tmp_path / "onnx"), "--to", "onnx"]) == 2
+    assert "pip install 'vlfm[onnx]'" in capsys.readouterr().err and not (tmp_path / "onnx").exists()

@@ -57,7 +57,10 @@ def export_onnx(model, out: str | Path) -> Path:
     """Write OUT/ (see the module's doc) for a model with both towers and a tokenizer."""
     if not (hasattr(model, "visual") and hasattr(model, "text")) or model.tokenizer is None:
         raise UsageError(f"ONNX export needs an image-text model with a tokenizer; this is a {type(model).__name__}")
-    import onnx
+    try:
+        import onnx
+    except ImportError:
+        raise UsageError("ONNX export needs the onnx package: pip install 'vlfm[onnx]' (onnx, onnxruntime)") from None
 
     was_training = model.training
     model.eval()  # and the wrappers too: the exporter puts a module it found training back into training mode
