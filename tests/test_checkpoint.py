@@ -1,12 +1,13 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import vlfm
-from vlfm.io import CheckpointError, atomic_directory
+from vlfm.io import CheckpointError, atomic_directory, atomic_file
 
 
 def test_save_load_round_trip(trained_run, tmp_path):
@@ -64,6 +65,19 @@ def test_atomic_directory_keeps_old_contents_on_failure(tmp_path):
             raise RuntimeError("crash while writing")
     assert (target / "a.txt").read_text() == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left behind
+
+
+def test_atomic_file_keeps_the_old_file_on_failure_and_keeps_the_suffix(tmp_path):
+    target = tmp_path / "vectors.npy"
+    with atomic_file(target) as tmp:
+        assert tmp.suffix == ".npy" and tmp.parent == tmp_path  # np.save adds .npy to a name without it
+        np.save(tmp, np.arange(3))
+    with pytest.raises(RuntimeError):
+        with atomic_file(target) as tmp:
+            np.save(tmp, np.arange(5))
+            raise RuntimeError("killed while writing")
+    assert np.load(target).tolist() == [0, 1, 2]
+    assert [p.name for p in tmp_path.iterdir()] == ["vectors.npy"]  # no temporary left behind
 
 
 def test_checkpoint_written_before_the_layered_layout_still_loads():

@@ -1,4 +1,4 @@
-"""The bottom layer: the error types, atomic directory writes, strict weight loading, JSON and image reading.
+"""The bottom layer: the error types, atomic directory and file writes, strict weight loading, JSON and image reading.
 
 Every other module builds on these; nothing here imports another vlfm module.
 """
@@ -82,6 +82,22 @@ def atomic_directory(path: str | Path, manifest: bool = False) -> Iterator[Path]
     tmp.rename(path)
     _fsync(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffix, so writers that add one do not); on success the file
+    reaches the disk and replaces `path` in one rename, so a reader (or a rerun after a kill) sees the old file
+    or the new one, whole, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        _fsync(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
 def _fsync(path: Path) -> None:

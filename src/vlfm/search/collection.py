@@ -30,7 +30,7 @@ from vlfm import distributed
 from vlfm.data.shards import decode_sample, is_shard_source, shard_samples, shard_urls
 from vlfm.data.sources import list_images, read_caption_file
 from vlfm.data.transforms import to_uint8_tensor
-from vlfm.io import MAX_PIXELS, ImageError, SearchError, UsageError, read_image
+from vlfm.io import MAX_PIXELS, ImageError, SearchError, UsageError, atomic_file, read_image
 
 log = logging.getLogger("vlfm")
 CAPTION_SUFFIXES = (".csv", ".tsv", ".jsonl")
@@ -136,18 +136,10 @@ def _plan(work: Path, fingerprint: str, collection: Collection, chunk_size: int,
             work.mkdir(parents=True, exist_ok=True)
             plan = {"fingerprint": fingerprint, "collection": collection.digest(),
                     "chunks": collection.chunks(chunk_size, exclude)}  # fmt: skip
-            _write_atomically(path, lambda file: file.write(json.dumps(plan).encode()))
+            with atomic_file(path) as tmp:
+                tmp.write_text(json.dumps(plan))
     distributed.barrier()
     return json.loads(path.read_text())["chunks"]
-
-
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
 
 
 def chunk_path(work: Path, k: int) -> Path:
@@ -188,7 +180,8 @@ def embed_collection(model, collection: Collection, work: str | Path, batch_size
 
 def _save_chunk(path: Path, vectors: np.ndarray, chunk: dict) -> None:
     arrays = {name: np.array(chunk[name], dtype=str) for name in LISTS}
-    _write_atomically(path, lambda file: np.savez(file, vectors=vectors, **arrays))
+    with atomic_file(path) as tmp:
+        np.savez(tmp, vectors=vectors, **arrays)
 
 
 @dataclass
@@ -230,6 +223,8 @@ def write_embeddings(paths: list[Path], out: Path) -> dict:
         raise UsageError(f"none of the {skipped} images could be decoded (or all are over --max-pixels)")
     vectors = np.concatenate([chunk.vectors for chunk in chunks])
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out, lambda file: np.save(file, vectors))
-    _write_atomically(out.with_suffix(".txt"), lambda file: file.write(("\n".join(ids) + "\n").encode()))
+    with atomic_file(out) as tmp:
+        np.save(tmp, vectors)
+    with atomic_file(out.with_suffix(".txt")) as tmp:
+        tmp.write_text("\n".join(ids) + "\n")
     return {"embedded": len(ids), "skipped": skipped, "shape": list(vectors.shape)}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import sqlite3
 from collections.abc import Iterable
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from vlfm import distributed
-from vlfm.io import MAX_PIXELS, SearchError, decode_image
+from vlfm.io import MAX_PIXELS, SearchError, atomic_file, decode_image
 from vlfm.search.collection import Collection, embed_collection, read_chunks, report_skipped
 
 log = logging.getLogger("vlfm")
@@ -155,9 +154,8 @@ class SearchIndex:
         self.db.executemany("INSERT INTO items VALUES (?, ?, ?)", [(int(i), p, c) for i, (p, c) in zip(ids, items)])
         self.db.commit()  # rows first: a crash before the vectors are written only leaves rows open() redoes
         self.index.add_with_ids(vectors, ids)
-        tmp = self.directory / "index.faiss.tmp"
-        _faiss().write_index(self.index, str(tmp))
-        os.replace(tmp, self.directory / "index.faiss")
+        with atomic_file(self.directory / "index.faiss") as tmp:
+            _faiss().write_index(self.index, str(tmp))
 
     def _flush_staged(self) -> None:
         if not self._staged:

@@ -35,7 +35,7 @@ from vlfm.checkpoint import (
     save_training_checkpoint,
 )
 from vlfm.config import DistributedConfig, TrainConfig
-from vlfm.io import ConfigError, DivergedError, load_state_strict, load_weights, non_finite
+from vlfm.io import ConfigError, DivergedError, atomic_file, load_state_strict, load_weights, non_finite
 
 log = logging.getLogger("vlfm")
 
@@ -348,9 +348,8 @@ def rewind_metrics(path: Path, step: int) -> None:
     lines = path.read_text().splitlines()
     kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     if len(kept) < len(lines):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
 
 
 def write_record(file, record: dict) -> None:
