@@ -7,6 +7,8 @@ Everything works in a single process too: rank 0 of a world of 1, gathers return
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -44,6 +46,20 @@ def init_from_env(backend: str | None = None, timeout: timedelta = timedelta(min
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
     return device
+
+
+@contextmanager
+def group_if_launched(backend: str | None = None, timeout: timedelta = timedelta(minutes=10)) -> Iterator[None]:
+    """Under torchrun (WORLD_SIZE set) with no group yet: join it for the block and leave it after; otherwise
+    nothing (a single process, or a caller that joined already)."""
+    joined = "WORLD_SIZE" in os.environ and not is_distributed()
+    if joined:
+        init_from_env(backend, timeout)
+    try:
+        yield
+    finally:
+        if joined:
+            dist.destroy_process_group()
 
 
 def barrier() -> None:

@@ -4,9 +4,9 @@ argparse types that check a flag's range."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
+from datetime import timedelta
 from pathlib import Path
 
 from vlfm.io import MAX_PIXELS, UsageError
@@ -90,16 +90,9 @@ def add_collection_flags(p) -> None:
     add_max_pixels(p, "images (skipped and counted)")
 
 
-@contextlib.contextmanager
 def distributed_run():
-    """Under torchrun: join the process group for the block and leave it after (ranks share the work)."""
-    import torch.distributed as dist
+    """Under torchrun: the process group for the block (ranks share the collection's chunks). gloo, and a long
+    timeout: at the merge the ranks wait for the slowest."""
+    from vlfm import distributed
 
-    from vlfm.search.collection import start_distributed
-
-    joined = start_distributed()
-    try:
-        yield
-    finally:
-        if joined:
-            dist.destroy_process_group()
+    return distributed.group_if_launched("gloo", timedelta(hours=12))

@@ -19,7 +19,6 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -110,14 +109,6 @@ class ChunkDataset(torch.utils.data.Dataset):
                 yield path, read_image(path, self.max_pixels, target), caption
             except ImageError as error:
                 yield path, error.kind, caption
-
-
-def start_distributed() -> bool:
-    """Join torchrun's process group when launched by it (and not joined yet); True when this call joined."""
-    if "WORLD_SIZE" not in os.environ or distributed.is_distributed():
-        return False
-    distributed.init_from_env("gloo", timeout=timedelta(hours=12))  # ranks wait for the slowest at the merge
-    return True
 
 
 def _plan(work: Path, fingerprint: str, collection: Collection, chunk_size: int, exclude: set[str]) -> list[dict]:
