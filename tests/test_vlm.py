@@ -85,6 +85,12 @@ def test_chat_batch_equals_one_by_one(model, images):
     assert all(isinstance(a, str) for a in batch)
 
 
+def test_chat_prompt_puts_the_image_before_the_question_unless_a_turn_holds_it(model):
+    assert model.chat_prompt("what shape is it?") == model.prompt_ids([("user", "<image>\nwhat shape is it?")], images=1)
+    history = [("user", "<image>\nhow many shapes?"), ("assistant", "two")]
+    assert model.chat_prompt("which is red?", history) == model.prompt_ids(history + [("user", "which is red?")], images=1)
+
+
 def test_chat_bad_input(model, images):
     with pytest.raises(ValueError, match="pass one"):
         model.chat(None, "what shape is it?")

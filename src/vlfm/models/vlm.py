@@ -136,6 +136,14 @@ class VisionLanguageModel(SavedModel, nn.Module):
         ids, _ = expand_image_tokens(ids, [-100] * len(ids), self.config.image_token_id, self.image_tokens, images)
         return ids
 
+    def chat_prompt(self, question: str, history: Conversation | None = None) -> list[int]:
+        """The prompt ids `chat` generates from: `history`, then `question` with the image placeholder before it
+        unless an earlier turn holds it."""
+        conversation = list(history or []) + [("user", question)]
+        if not any(self.config.image_token in t for _, t in conversation):
+            conversation[-1] = ("user", f"{self.config.image_token}\n{question}")
+        return self.prompt_ids(conversation, images=1)
+
     @torch.no_grad()
     def chat(self, image, question, history: Conversation | list[Conversation] | None = None,
              max_new_tokens: int = 64, **generation) -> str | list[str]:  # fmt: skip
@@ -150,10 +158,7 @@ class VisionLanguageModel(SavedModel, nn.Module):
         for img, text, past in zip(images, questions, histories):
             if img is None:
                 raise ValueError("this model answers questions about an image: pass one (image=...)")
-            conversation = list(past) + [("user", text)]
-            if not any(self.config.image_token in t for _, t in conversation):
-                conversation[len(past)] = ("user", f"{self.config.image_token}\n{text}")
-            rows.append(self.prompt_ids(conversation, images=1))
+            rows.append(self.chat_prompt(text, past))
         pixels = self.preprocess([open_image(i) for i in images]).to(self.device)
         ids, mask = left_pad(rows, self.tokenizer.pad_id)
         room = self.config.lm.max_positions - ids.shape[1]

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
+from vlfm.io import VlfmError
 from vlfm.serve.app import Server, get_server
 from vlfm.serve.limits import ServeError, check_text, image_from_string, over_limit
 
@@ -56,10 +57,7 @@ async def chat_completions(body: ChatRequest, server: Annotated[Server, Depends(
     if vlm is None:
         raise ServeError(404, "this server has no assistant: start it with --vlm VLM", "not_found_error")
     image, history, question = _conversation(body.messages, server)
-    conversation = history + [("user", question)]
-    if not any(vlm.config.image_token in text for _, text in conversation):  # where model.chat puts it
-        conversation[-1] = ("user", f"{vlm.config.image_token}\n{question}")
-    prompt = len(vlm.prompt_ids(conversation, 1))
+    prompt = len(vlm.chat_prompt(question, history))
     if prompt >= vlm.config.lm.max_positions:
         raise ServeError(400, f"the prompt is {prompt} tokens (the image included); the assistant's context holds "
                               f"{vlm.config.lm.max_positions}: shorten the messages", "limit_exceeded")  # fmt: skip
@@ -72,10 +70,7 @@ async def chat_completions(body: ChatRequest, server: Annotated[Server, Depends(
     if body.stream:
         return StreamingResponse(_stream(server, (image, question, history), generation, reply), media_type="text/event-stream")
     steps: list[int] = []
-    try:
-        answer = await server.batcher.call(vlm.chat, image, question, history, on_step=lambda out: steps.append(len(out[0])), **generation)
-    except ValueError as error:  # model.chat's refusals (a prompt that outgrew the context)
-        raise ServeError(400, str(error)) from None
+    answer = await server.batcher.call(vlm.chat, image, question, history, on_step=lambda out: steps.append(len(out[0])), **generation)
     used = steps[-1] if steps else 0
     return {**reply, "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": _finish(steps, wanted)}],
@@ -139,8 +134,9 @@ async def _stream(server: Server, request, generation: dict, reply: dict):
             sent = text
     try:
         answer = job.result()
-    except Exception as error:  # after the 200 header an error can only be an event
-        yield _event({"error": {"message": str(error), "type": "invalid_request_error" if isinstance(error, ValueError) else "server_error"}})
+    except Exception as error:  # after the 200 header an error can only be an event; typed as app.py's handlers type it
+        kind = "invalid_request_error" if isinstance(error, VlfmError) else "server_error"
+        yield _event({"error": {"message": str(error) if kind != "server_error" else f"internal error ({type(error).__name__})", "type": kind}})
         yield "data: [DONE]\n\n"
         return
     rest = answer[len(sent):] if answer.startswith(sent) else ""
