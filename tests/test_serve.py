@@ -19,7 +19,7 @@ from test_vlm import tiny_vlm_config
 import vlfm
 from vlfm.data.shapes import ShapesWorld, WorldConfig
 from vlfm.data.world_text import captions
-from vlfm.io import SearchError
+from vlfm.io import SearchError, UsageError
 from vlfm.search import SearchIndex
 from vlfm.serve import Limits, create_app
 from vlfm.serve.batcher import Batcher
@@ -343,6 +343,13 @@ def test_batcher_shares_passes_up_to_max_batch_and_never_overlaps(max_batch):
     assert [float(r[0, 0]) for r in results] == [float(n) for n in range(1, 21)]  # each gets its own row
     assert sum(model.passes) == 20 and max(model.passes) <= max_batch and not model.overlap
     assert len(model.passes) == (20 if max_batch == 1 else 3)  # 8 + 8 + 4 within one wait each
+
+
+def test_batcher_refuses_settings_that_cannot_batch():
+    with pytest.raises(UsageError, match="max_batch must be >= 1 and max_wait >= 0, got 0 and 0.005"):
+        Batcher(CountingModel(), max_batch=0)
+    with pytest.raises(UsageError, match="got 4 and -1"):
+        Batcher(CountingModel(), max_batch=4, max_wait=-1)
 
 
 def test_batcher_reports_errors_to_their_requests_and_goes_on():

@@ -10,7 +10,7 @@ from vlfm.io import UsageError
 
 
 def add_serve(p) -> None:
-    from vlfm.serve import Limits
+    from vlfm.serve.limits import FLAGS, Limits
 
     p.add_argument("checkpoint", help="the image-text model to serve (embeddings, classify, search queries)")
     p.add_argument("--index", help="an index built by this model (`vlfm index build`): /v1/search and the Search tab")
@@ -24,15 +24,15 @@ def add_serve(p) -> None:
     p.add_argument("--max-batch", type=positive_int, default=32, help="encoder items one forward pass may share (1: no batching)")
     p.add_argument("--max-wait-ms", type=non_negative_float, default=5.0,
                    help="how long the first item of a batch waits for others (milliseconds)")
-    for name, default in Limits().__dict__.items():
-        p.add_argument("--" + name.replace("_", "-"), type=positive_int, default=default, metavar="N",
-                       help=f"limit (default {default:_})")
+    for name, flag in FLAGS.items():  # the flags the server's errors name
+        default = getattr(Limits, name)
+        p.add_argument(flag, type=positive_int, default=default, metavar="N", help=f"limit (default {default:_})")
 
 
 def serve_command(args) -> None:
     from vlfm.checkpoint import load
     from vlfm.models import VisionLanguageModel
-    from vlfm.serve import Limits
+    from vlfm.serve.limits import FLAGS, Limits
 
     try:
         import uvicorn
@@ -47,7 +47,7 @@ def serve_command(args) -> None:
     vlm = load(args.vlm) if args.vlm else None
     if vlm is not None and not isinstance(vlm, VisionLanguageModel):
         raise UsageError(f"--vlm needs a vision-language model; {args.vlm} is a {type(vlm).__name__}")
-    limits = Limits(**{name: getattr(args, name) for name in Limits().__dict__})
+    limits = Limits(**{name: getattr(args, name) for name in FLAGS})
     app = create_app(model, Path(args.checkpoint).name, args.index, vlm, args.vlm and Path(args.vlm).name, limits,
                      args.api_key, args.max_batch, args.max_wait_ms / 1000, args.cors_origin)  # fmt: skip
     print(f"vlfm serve: http://{args.host}:{args.port}/ (API: /docs)", flush=True)

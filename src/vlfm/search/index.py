@@ -105,6 +105,11 @@ class SearchIndex:
     def __len__(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
 
+    def path_of(self, item_id: int) -> str | None:
+        """The stored path of an item id (a Hit's id), None when no item has it."""
+        row = self.db.execute("SELECT path FROM items WHERE id = ?", (item_id,)).fetchone()
+        return None if row is None else row[0]
+
     def check_model(self, model) -> None:
         found = model_fingerprint(model)
         if found != self.info["model_fingerprint"]:

@@ -191,15 +191,11 @@ async def search(body: SearchRequest, server: ServerDep):
 async def image(image_id: Annotated[int, Path(ge=0, le=2**63 - 1)], server: ServerDep):
     if server.index is None:
         raise ServeError(404, "this server has no index: start it with --index INDEX", "not_found_error")
-    row = await server.batcher.call(_path_of, server.index, image_id)
-    if row is None:
+    path = await server.batcher.call(server.index.path_of, image_id)  # the worker owns the index's SQLite connection
+    if path is None:
         raise ServeError(404, f"no indexed image has id {image_id}", "not_found_error")
-    path = FilePath(row[0])
+    path = FilePath(path)
     if not path.is_file():
         raise ServeError(404, f"indexed image {image_id} is no longer on disk", "not_found_error")
     return FileResponse(path, media_type=mimetypes.guess_type(path.name)[0] or "application/octet-stream")
 
-
-def _path_of(index, image_id: int):
-    """The stored path of an id (on the batcher's thread, which owns the index's SQLite connection)."""
-    return index.db.execute("SELECT path FROM items WHERE id = ?", (image_id,)).fetchone()

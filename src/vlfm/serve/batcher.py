@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from vlfm.io import UsageError
+
 _STOP = object()
 
 
@@ -35,7 +37,7 @@ class Batcher:
     def __init__(self, model, max_batch: int = 32, max_wait: float = 0.005,
                  observe: Callable[[str, int], None] | None = None):  # fmt: skip
         if max_batch < 1 or max_wait < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_wait >= 0, got {max_batch} and {max_wait}")
+            raise UsageError(f"max_batch must be >= 1 and max_wait >= 0, got {max_batch} and {max_wait}")
         self.model, self.max_batch, self.max_wait = model, max_batch, max_wait
         self.observe = observe or (lambda kind, size: None)  # the metrics' batch-size histogram
         self._queue: queue.Queue = queue.Queue()
