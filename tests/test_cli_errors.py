@@ -89,6 +89,7 @@ MODELS = [
     (["eval", "{run}", "--classify-size", "-1"], 2, "argument --classify-size: -1 " + RANGE),
     (["eval", "{run}", "--vqa-size", "0"], 2, "argument --vqa-size: 0 " + RANGE),
     (["eval", "{run}", "--max-pixels", "0"], 2, "argument --max-pixels: 0 " + RANGE),
+    (["eval", "{run}", "--ood-per-class", "-1"], 2, "argument --ood-per-class: -1 " + RANGE),
     (["eval", "{run}", "--retrieval-size", "abc"], 2, "'abc' is not an integer"),
     (["eval", "{run}", "--task", "nope"], 2, "argument --task: invalid choice"),
     (["eval", "{tmp}/nowhere"], 2, "does not exist"),

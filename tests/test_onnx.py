@@ -72,6 +72,16 @@ def test_export_leaves_the_model_in_its_mode(trained_run, tmp_path, training):
     assert model.training is training and all(m.training is training for m in model.modules())
 
 
+def test_export_refuses_a_bfloat16_model_and_leaves_it_as_it_was(trained_run, tmp_path):
+    from vlfm.io import UsageError
+    from vlfm.models.onnx import export_onnx
+
+    model = vlfm.load(trained_run).to(torch.bfloat16).train()
+    with pytest.raises(UsageError, match="traces a float32 model on the CPU"):
+        export_onnx(model, tmp_path / "onnx")
+    assert model.training and not (tmp_path / "onnx").exists()
+
+
 def test_export_without_onnx_says_what_to_install(trained_run, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if the onnx package were not installed
     assert main(["export", str(trained_run), str(tmp_path / "onnx"), "--to", "onnx"]) == 2

@@ -11,6 +11,7 @@ from vlfm.cli.common import (
     add_collection_flags,
     add_max_pixels,
     distributed_run,
+    non_negative_int,
     output_home,
     positive_int,
     print_json,
@@ -32,7 +33,7 @@ def add_eval(p) -> None:
     p.add_argument("--out", help="where to write the JSON (default: beside the checkpoint)")
     p.add_argument("--retrieval-size", type=positive_int, default=1000, help="world: held-out scenes for retrieval")
     p.add_argument("--classify-size", type=positive_int, default=500, help="world: single-object scenes per zero-shot set")
-    p.add_argument("--ood-per-class", type=int, default=20,
+    p.add_argument("--ood-per-class", type=non_negative_int, default=20,
                    help="world: shapes-ood drawings per label for the out-of-domain metrics (ood_*); 0: none")
     p.add_argument("--vqa-size", type=positive_int, default=300, help="world, VLM checkpoints: unseen scenes for VQA (vqa_acc)")
     add_max_pixels(p, "--dataset folder or caption file: images (skipped and counted)")
@@ -66,7 +67,7 @@ def eval_command(args) -> None:
         else:
             world = WorldConfig(image_size=model.config.vision.image_size)
         metrics = WorldBenchmark(world, args.classify_size, args.retrieval_size,
-                                 ood_per_class=max(0, args.ood_per_class)).evaluate(model)
+                                 ood_per_class=args.ood_per_class).evaluate(model)
         out = Path(args.out) if args.out else default_dir / "eval.json"
     else:
         two_tower(model, "eval")

@@ -66,7 +66,7 @@ class LabelledImages:
 
 
 def load_dataset(name: str, max_pixels: int = MAX_PIXELS) -> LabelledImages:
-    """A named set (digits, lfw_subset) or a folder of class folders (images over `max_pixels` skipped)."""
+    """A named set (NAMED) or a folder of class folders (images over `max_pixels` skipped)."""
     if name == "digits":
         return digits()
     if name == "lfw_subset":

@@ -62,10 +62,10 @@ def export_onnx(model, out: str | Path) -> Path:
     except ImportError:
         raise UsageError("ONNX export needs the onnx package: pip install 'vlfm[onnx]' (onnx, onnxruntime)") from None
 
-    was_training = model.training
-    model.eval()  # and the wrappers too: the exporter puts a module it found training back into training mode
     if model.device.type != "cpu" or model.logit_scale.dtype != torch.float32:
         raise UsageError("ONNX export traces a float32 model on the CPU: load it with the default device and dtype")
+    was_training = model.training
+    model.eval()  # and the wrappers too: the exporter puts a module it found training back into training mode
     size = model.preprocess_config.image_size
     batch = {0: "batch"}
     with torch.no_grad(), atomic_directory(out) as tmp:
