@@ -132,7 +132,7 @@ def encode_with_chat_template(conversation: Conversation, tokenizer: Tokenizer) 
     tokenizer's special tokens unless the text already starts with its bos token (as its processors do)."""
     text = render_chat_template(tokenizer, conversation)
     bos = tokenizer.special_tokens.get("bos_token")
-    return tokenizer.backend.encode(text, add_special_tokens=not (bos and text.startswith(bos))).ids
+    return tokenizer.encode(text, special_tokens=not (bos and text.startswith(bos)))
 
 
 def render_chat_template(tokenizer: Tokenizer, conversation: Conversation, add_generation_prompt: bool = True) -> str:

@@ -146,9 +146,10 @@ class Tokenizer:
             mask[row, : len(tokens)] = 1
         return ids, mask
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of a text alone, without the `<bos> ... <eos>` template: pieces to concatenate (chat)."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, special_tokens: bool = False) -> list[int]:
+        """Token ids of a text alone, without the `<bos> ... <eos>` template: pieces to concatenate (chat); with
+        `special_tokens`, inside the tokenizer's own template (a rendered chat template that lacks them)."""
+        return self.backend.encode(text, add_special_tokens=special_tokens).ids
 
     @property
     def bos_id(self) -> int | None:
