@@ -133,7 +133,7 @@ def embed_command(args) -> None:
     model = load(args.checkpoint)
     if args.images:
         return _embed_images(two_tower(model, "embed --images"), args, out)
-    import numpy as np
+    from vlfm.search.collection import save_embeddings
 
     text_file = Path(args.texts)
     if not text_file.is_file():
@@ -142,9 +142,7 @@ def embed_command(args) -> None:
     if not rows:
         raise UsageError(f"{text_file} has no non-empty lines")
     embeddings = model.embed_texts(rows, args.batch_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, embeddings.cpu().numpy().astype(np.float32))
-    out.with_suffix(".txt").write_text("\n".join(rows) + "\n")
+    save_embeddings(out, embeddings.cpu().numpy(), rows)
     print(f"wrote {tuple(embeddings.shape)} embeddings to {out}")
 
 

@@ -38,6 +38,7 @@ class ImageTextData:
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+CAPTION_SUFFIXES = (".csv", ".tsv", ".jsonl")
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -56,7 +57,7 @@ def read_caption_file(path: str | Path, image_column: str = "filepath", caption_
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"caption file {str(path)!r} does not exist")
-    if path.suffix not in (".jsonl", ".csv", ".tsv"):
+    if path.suffix not in CAPTION_SUFFIXES:
         raise UsageError(f"{path}: caption files must be .csv, .tsv or .jsonl")
     try:
         text = path.read_bytes().decode("utf-8")

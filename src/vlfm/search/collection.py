@@ -27,12 +27,11 @@ from tqdm import tqdm
 
 from vlfm import distributed
 from vlfm.data.shards import decode_sample, is_shard_source, shard_samples, shard_urls
-from vlfm.data.sources import list_images, read_caption_file
+from vlfm.data.sources import CAPTION_SUFFIXES, list_images, read_caption_file
 from vlfm.data.transforms import to_uint8_tensor
 from vlfm.io import MAX_PIXELS, ImageError, SearchError, UsageError, atomic_file, read_image
 
 log = logging.getLogger("vlfm")
-CAPTION_SUFFIXES = (".csv", ".tsv", ".jsonl")
 LISTS = ("ids", "captions", "undecodable", "oversized", "broken")  # a chunk file's string arrays
 
 
@@ -213,9 +212,14 @@ def write_embeddings(paths: list[Path], out: Path) -> dict:
     if not ids:
         raise UsageError(f"none of the {skipped} images could be decoded (or all are over --max-pixels)")
     vectors = np.concatenate([chunk.vectors for chunk in chunks])
+    save_embeddings(out, vectors, ids)
+    return {"embedded": len(ids), "skipped": skipped, "shape": list(vectors.shape)}
+
+
+def save_embeddings(out: Path, vectors: np.ndarray, rows: list[str]) -> None:
+    """`vlfm embed`'s output: OUT.npy (float32 rows) and OUT.txt (what each row embeds), each written atomically."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out) as tmp:
-        np.save(tmp, vectors)
+        np.save(tmp, vectors.astype(np.float32))
     with atomic_file(out.with_suffix(".txt")) as tmp:
-        tmp.write_text("\n".join(ids) + "\n")
-    return {"embedded": len(ids), "skipped": skipped, "shape": list(vectors.shape)}
+        tmp.write_text("\n".join(rows) + "\n")
