@@ -1,5 +1,6 @@
-"""What the command modules share: checking a loaded model's kind, printing metrics, the --max-pixels flag, and
-argparse types that check a flag's range."""
+"""What the command modules share: checking a loaded model's kind, where output goes by default, printing
+metrics, the --max-pixels and collection flags, torchrun's group for a command, and argparse types that check a
+flag's range."""
 
 from __future__ import annotations
 
