@@ -3,7 +3,6 @@ the body-size limit, the API key, metrics, health and the web page."""
 
 from __future__ import annotations
 
-import json
 import secrets
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -178,7 +177,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            return await self._refuse(send, f"{int(declared):,} bytes" if declared.isdigit() else "unreadable length")
+            return await self._refuse(scope, send, f"{int(declared):,} bytes" if declared.isdigit() else "unreadable length")
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
@@ -187,17 +186,14 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                return await self._refuse(send, f"more than {self.limit:,} bytes")
+                return await self._refuse(scope, send, f"more than {self.limit:,} bytes")
             more = message.get("more_body", False)
         replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
         await self.app(scope, _replay(replay, receive), send)
 
-    async def _refuse(self, send, found: str) -> None:
-        body = json.dumps({"error": {"message": f"the request body is {found}, over the limit of {self.limit:,} bytes "
-                                                f"(the server's {FLAGS['max_body_bytes']})", "type": "limit_exceeded"}})  # fmt: skip
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
-        await send({"type": "http.response.body", "body": body.encode()})
+    async def _refuse(self, scope, send, found: str) -> None:
+        message = f"the request body is {found}, over the limit of {self.limit:,} bytes (the server's {FLAGS['max_body_bytes']})"
+        await error_response(413, message, "limit_exceeded")(scope, _replay([]), send)
 
 
 def _replay(messages: list[dict], then=None):
