@@ -11,13 +11,13 @@ the plain world. A pure function of the scene, like the plain render.
 
 from __future__ import annotations
 
-import io as _bytes_io
 from collections.abc import Callable, Sequence
+from io import BytesIO
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from vlfm.io import decode_image
+from vlfm.io import read_image
 
 # Unit outlines (x right, y down, extent 2: from -1 to 1), drawn as polygons so every shape can rotate.
 _T = np.linspace(0, 2 * np.pi, 48, endpoint=False)
@@ -141,7 +141,7 @@ def _degrade(rng: np.random.Generator, image: Image.Image, n: int, p: float) -> 
     px = px + rng.normal(0, sigma, size=(n, n, 1)) + rng.normal(0, 2, size=(n, n, 3))
     image = Image.fromarray(np.clip(px + 0.5, 0, 255).astype(np.uint8))
     if rng.random() < p / 3:
-        buffer = _bytes_io.BytesIO()
+        buffer = BytesIO()
         image.save(buffer, format="JPEG", quality=int(rng.integers(15, 80)))
-        image = decode_image(buffer.getvalue()) or image
+        image = read_image(buffer.getvalue())  # the one guarded decoder (a JPEG just written always decodes)
     return image
