@@ -5,7 +5,8 @@ shares none of that code and none of its constants: it builds each shape as a nu
 test per pixel, 3x3 samples a pixel), in its own palette shades and proportions (an equilateral triangle, a
 thinner star and cross), large and centred-ish as clip-art is, often rotated, with a dark (or, on a dark
 background, light) outline and a soft drop shadow, on white, pastel or dark slate backgrounds, at 96 px (the
-model's preprocessing resizes it). Only the names are the world's: "colour shape" labels, 30 classes.
+model's preprocessing resizes it). Only the names are the world's: "colour shape" labels, 30 classes; and
+`render_scene` draws a world scene's records (where each object is, its size word) in this style, for VQA.
 """
 
 from __future__ import annotations
