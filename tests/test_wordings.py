@@ -97,6 +97,9 @@ def test_every_wording_is_classified_to_its_form_s_kind():
         kind = question_kind(form.format(*slots))
         assert train[0] == form and not set(train) & set(held) and len(held) >= 2
         assert all(question_kind(w.format(*slots)) == kind for w in train + held), form
+    words = lambda texts: {w for t in texts for w in re.findall(r"[a-z]+", t)}  # noqa: E731
+    # held-out wordings recombine training's words: another wording of a known question, not unknown words
+    assert words(h for _, held in WORDINGS.values() for h in held) <= words(t for train, _ in WORDINGS.values() for t in train)
 
 
 @pytest.mark.parametrize("mode", ["varied", "heldout"])
