@@ -167,6 +167,7 @@ def test_staged_run_cli_chat_eval_and_stage_rerun(tmp_path, capsys, monkeypatch)
     run_dir = config.run_dir
     assert {"stage0", "stage1", "stage2", "model", "eval.json"} <= {p.name for p in run_dir.iterdir()}
     assert 0.0 <= metrics["vqa_acc"] <= 1.0 and "vqa_heldout_acc" in metrics
+    assert all(0.0 <= metrics[f"vqa_{name}_acc"] <= 1.0 for name in ("wordings", "ood"))  # held-out wordings, renderer
     assert json.loads((run_dir / "eval.json").read_text())["vqa_acc"] == metrics["vqa_acc"]
     losses = [json.loads(x)["loss"] for x in (run_dir / "stage2" / "metrics.jsonl").read_text().splitlines() if "loss" in x]
     assert len(losses) == 3
@@ -184,7 +185,7 @@ def test_staged_run_cli_chat_eval_and_stage_rerun(tmp_path, capsys, monkeypatch)
     assert (tmp_path / "s.png").is_file() and "you: how many shapes are there?" in transcript
     assert transcript.count("assistant: ") == int(transcript.split("/")[-1].split()[0])  # every question answered
     assert main(["eval", str(run_dir), "--vqa-size", "3", "--csv", str(tmp_path / "r.csv")]) == 0
-    assert "vqa_acc" in json.loads((run_dir / "eval.json").read_text())
+    assert {"vqa_acc", "vqa_wordings_acc", "vqa_ood_acc"} <= set(json.loads((run_dir / "eval.json").read_text()))
     assert main(["info", str(run_dir)]) == 0
     assert "vision-language model" in capsys.readouterr().out
     # stage 2 again from the saved stage-1 model, under another name: refused without --resume in the same dir

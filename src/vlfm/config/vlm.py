@@ -88,6 +88,9 @@ class VLMDataConfig:
     # A batch's sequences sorted by length and run in this many pieces, each padded only to its own longest:
     # the same loss and gradients with less padding (docs/experiments.md §10).
     length_buckets: int = 1
+    # The world (stages 0 and 2): each question in its one form (one), or in one of several training wordings
+    # (varied, world_text.WORDINGS); VQA's vqa_wordings_* ask the held-out wordings either way.
+    wordings: str = "one"
     world: WorldConfig = field(default_factory=WorldConfig)
     workers: int = 2
     max_pixels: int = MAX_PIXELS  # LLaVA images whose header claims more pixels are skipped and counted
@@ -96,6 +99,8 @@ class VLMDataConfig:
         check_ranges(self, "data.", {"train_size": ">= 1", "eval_size": ">= 1", "text_size": ">= 1", "max_length": ">= 1",
                                      "max_turns": ">= 1", "count_questions": ">= 0", "length_buckets": ">= 1",
                                      "workers": ">= 0"})  # fmt: skip
+        if self.wordings not in ("one", "varied"):
+            raise ConfigError(f"data.wordings={self.wordings!r} must be one or varied (held-out wordings are VQA's alone)")
 
 
 @dataclass

@@ -311,7 +311,7 @@ CAPTION_REQUESTS = ("describe the image.", "what is in the picture?", "describe 
 
 def world_conversations(
     scene: Scene, rng: np.random.Generator, avoid: Iterable[str] = (), max_turns: int = 3, singles: bool = True,
-    counts: int | None = None, kinds: Iterable[str] | None = None,
+    counts: int | None = None, kinds: Iterable[str] | None = None, wordings: str = "one",
 ) -> list[Conversation]:
     """Instruction data for one scene: a caption request, every question alone, and the questions again in
     multi-turn conversations of 2-3. The image comes first in the first user turn, as in LLaVA's data. Answers
@@ -320,16 +320,18 @@ def world_conversations(
     conversation; `singles`: whether every question also comes alone (one answer per image pass); `counts`:
     at most this many of the scene's "how many" questions, drawn at random (None: all). They are a third of a
     scene's questions and the first kind learnt; the steps they free go to the slower kinds. `kinds`: only
-    the questions of these kinds (question_kind), each alone, and nothing else (a focus phase)."""
+    the questions of these kinds (question_kind), each alone, and nothing else (a focus phase). `wordings`:
+    questions()' (one: each question's one form; varied: its training wordings)."""
     image = IMAGE_TOKEN + "\n"
     if kinds is not None:
         return [[("user", image + question), ("assistant", answer)]
-                for question, answer in questions(scene, avoid=avoid, training=True) if question_kind(question) in kinds]  # fmt: skip
+                for question, answer in questions(scene, avoid=avoid, training=True, wordings=wordings)
+                if question_kind(question) in kinds]  # fmt: skip
     texts = captions(scene)
     request = CAPTION_REQUESTS[rng.integers(len(CAPTION_REQUESTS))]
     out = [[("user", image + request), ("assistant", texts[rng.integers(len(texts))])]]
-    pairs = questions(scene, avoid=avoid, training=True)
-    tally = [i for i, (question, _) in enumerate(pairs) if question.startswith("how many ")]
+    pairs = questions(scene, avoid=avoid, training=True, wordings=wordings)
+    tally = [i for i, (question, _) in enumerate(pairs) if question_kind(question) == "count"]
     if counts is not None and len(tally) > counts:
         dropped = set(rng.choice(tally, len(tally) - counts, replace=False).tolist())
         pairs = [pair for i, pair in enumerate(pairs) if i not in dropped]
@@ -349,12 +351,13 @@ def world_conversations(
 
 def world_text(
     scenes: Iterable[Scene], template: ChatTemplate, rng: np.random.Generator, avoid: Iterable[str] = (),
-    counts: int | None = None,
+    counts: int | None = None, wordings: str = "one",
 ) -> list[str]:
     """The world's conversations rendered through the template, `<image>` placeholder included: text for
     tokenizer training and language-model pretraining."""
     avoid = list(avoid)
-    return [template.render(c) for scene in scenes for c in world_conversations(scene, rng, avoid, counts=counts)]
+    return [template.render(c) for scene in scenes
+            for c in world_conversations(scene, rng, avoid, counts=counts, wordings=wordings)]
 
 
 def exact_match(prediction: str, answer: str) -> bool:

@@ -5,7 +5,8 @@ shares none of that code and none of its constants: it builds each shape as a nu
 test per pixel, 3x3 samples a pixel), in its own palette shades and proportions (an equilateral triangle, a
 thinner star and cross), large and centred-ish as clip-art is, often rotated, with a dark (or, on a dark
 background, light) outline and a soft drop shadow, on white, pastel or dark slate backgrounds, at 96 px (the
-model's preprocessing resizes it). Only the names are the world's: "colour shape" labels, 30 classes.
+model's preprocessing resizes it). Only the names are the world's: "colour shape" labels, 30 classes; and
+`render_scene` draws a world scene's records (where each object is, its size word) in this style, for VQA.
 """
 
 from __future__ import annotations
@@ -84,6 +85,33 @@ def draw(colour: str, shape: str, seed: int) -> Image.Image:
     canvas, dark = _paper(rng, n)
     radius = rng.uniform(0.17, 0.38) * n
     cx, cy = rng.uniform(radius + 2, n - radius - 2, size=2)
+    canvas = _paint(canvas, dark, colour, shape, cx, cy, radius, rng)
+    return _finish(canvas, rng)
+
+
+def render_scene(scene, image_size: int = SIZE) -> Image.Image:
+    """A scene of the world (its objects' colour, shape, size word and centre in [0, 1]) drawn in this style
+    at SIZE, then resized to image_size: the same questions hold, the drawing is another's. A size word is a
+    radius of its own here, inside the box the world keeps clear around each object."""
+    if getattr(scene, "digit", None) is not None or getattr(scene, "grey", False):
+        raise ValueError("shapes-ood draws the named colours of shapes: not a digit or a colour-free scene")
+    rng = np.random.default_rng([scene.background % 2**32, 3004])
+    n = SIZE
+    canvas, dark = _paper(rng, n)
+    for obj in scene.objects:
+        radius = rng.uniform(*_SCENE_RADIUS[obj.size]) * n
+        canvas = _paint(canvas, dark, obj.colour, obj.shape, obj.x * n, obj.y * n, radius, rng)
+    image = _finish(canvas, rng)
+    return image if image_size == n else image.resize((image_size, image_size), Image.BICUBIC)
+
+
+_SCENE_RADIUS = {"small": (0.085, 0.105), "big": (0.16, 0.195)}  # fractions of the image
+
+
+def _paint(canvas: np.ndarray, dark: bool, colour: str, shape: str, cx: float, cy: float, radius: float,
+           rng: np.random.Generator) -> np.ndarray:  # fmt: skip
+    """The canvas with one object painted: turned, maybe a drop shadow, maybe an outline, then the fill."""
+    n = canvas.shape[0]
     turn = np.deg2rad(rng.uniform(-1, 1) * _MAX_TURN[shape])
     if rng.random() < 0.5:  # a soft drop shadow, down and to the right
         shadow = _coverage(shape, n, cx + 0.06 * radius, cy + 0.08 * radius, radius, turn)[..., None]
@@ -95,7 +123,10 @@ def draw(colour: str, shape: str, seed: int) -> Image.Image:
         border = _coverage(shape, n, cx, cy, radius + rng.uniform(1.5, 3.5), turn)[..., None]
         canvas = canvas * (1 - border) + ink * border
         body = _coverage(shape, n, cx, cy, radius - 0.5, turn)[..., None]
-    canvas = canvas * (1 - body) + fill * body
+    return canvas * (1 - body) + fill * body
+
+
+def _finish(canvas: np.ndarray, rng: np.random.Generator) -> Image.Image:
     canvas = canvas + rng.normal(0, 2.0, size=canvas.shape)
     return Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8))
 

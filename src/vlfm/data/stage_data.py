@@ -129,7 +129,7 @@ def stage_examples(stage: int, data, phases: list, seed: int, encoder: Encoder, 
 def text_examples(data, rng: np.random.Generator, encoder: Encoder) -> Examples:
     """Stage 0, text only: every token is a target, except the image placeholder (no image to predict)."""
     texts = world_text(world_scenes(data.world, data.text_size), encoder.template, rng, data.world.held_out,
-                       data.count_questions)  # fmt: skip
+                       data.count_questions, data.wordings)  # fmt: skip
     ids = [encoder.tokenizer.encode(t)[: data.max_length] for t in texts]
     labels = [[IGNORE_INDEX if i == encoder.image_token_id else i for i in row] for row in ids]
     return Examples(ids, labels, [-1] * len(ids), torch.empty(0, 3, 1, 1, dtype=torch.uint8), main=range(len(ids)))
@@ -193,7 +193,7 @@ def scene_pairs(scenes: list, stage: int, rng: np.random.Generator, data, kinds:
                      ("assistant", text)]) for i, scene in enumerate(scenes) for text in captions(scene)]  # fmt: skip
     return [(i, c) for i, scene in enumerate(scenes)
             for c in world_conversations(scene, rng, data.world.held_out, data.max_turns, data.single_questions,
-                                         data.count_questions, kinds)]  # fmt: skip
+                                         data.count_questions, kinds, data.wordings)]  # fmt: skip
 
 
 def kind_pairs(pairs: Pairs, kinds: list[str]) -> Pairs:

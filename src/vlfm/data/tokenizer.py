@@ -13,12 +13,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from vlfm.io import CheckpointError, read_json
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+# Typed text to the world's (lower-case, British): American spellings, and whitespace before punctuation, runs of
+# spaces and repeated ? or ! as people type them. Each rule leaves the world's own text as it is.
+TYPED = {r"\bcolor": "colour", r"\bgray": "grey", r"\bcenter\b": "centre", r"\bcenters\b": "centres",
+         r"\bcentered\b": "centred",
+         r"[ \t]+": " ", r"^ | $": "", r" (?=[?.!,:;])": "", r"\?+": "?", r"!+": "!"}  # fmt: skip
 
 
 log = logging.getLogger("vlfm")
@@ -48,7 +53,7 @@ class Tokenizer:
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = 1024, min_frequency: int = 2) -> Tokenizer:
         backend = HFTokenizer(models.BPE(unk_token="<unk>"))
-        backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+        backend.normalizer = normalizer()
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
         backend.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
@@ -162,6 +167,13 @@ class Tokenizer:
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         return self.backend.decode(ids, skip_special_tokens=True).strip()
+
+
+def normalizer() -> normalizers.Normalizer:
+    """A trained tokenizer's normaliser, saved in its tokenizer.json: NFKC, lower case, then TYPED. Tokenizers
+    saved before TYPED keep their own (NFKC and lower case), so their ids never change."""
+    rules = [normalizers.Replace(Regex(pattern), content) for pattern, content in TYPED.items()]
+    return normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(), *rules])
 
 
 def _chat_template(directory: Path) -> str | None:

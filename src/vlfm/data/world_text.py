@@ -17,10 +17,63 @@ NUMBERS = ("zero", "one", "two", "three", "four")
 OPENERS = ("a picture of", "an image of", "a drawing of", "a photo of")
 PLURALS = {s: s + ("es" if s.endswith("ss") else "s") for s in SHAPES}
 
-# First matching pattern names a question's kind (the order matters: "is there" before "left of").
-KINDS = [("count", r"^how many"), ("colour", r"^what colou?r"), ("shape", r"^what shape"), ("digit", r"digit"),
-         ("size", r"big or small"), ("existence", r"^is there"), ("relation", r" (left of|above) "),
-         ("position", r"left or the right|top or the bottom|^where")]  # fmt: skip
+# First matching pattern names a question's kind (the order matters: "is there" before "left of"). The patterns
+# cover every wording of WORDINGS.
+KINDS = [("count", r"^how many|^count the|^tell me how many"),
+         ("colour", r"^(in the picture, )?(what|which) colou?r|colou?r of the"),
+         ("shape", r"^(in the picture, )?(what|which) shape|shape of the"), ("digit", r"digit"),
+         ("size", r"big or small|small or big"),
+         ("existence", r"^is there|^(in the picture, )?can you see|^does the picture show|^tell me if there is"),
+         ("relation", r" (left of|above) "),
+         ("position", r"left or the right|right or the left|top or the bottom|bottom or the top|^where|"
+                      r"^in the picture, where|^tell me where")]  # fmt: skip
+
+# Each question form's wordings: (training, held out). The first training wording is the form itself, the only
+# one `wordings: one` asks. A held-out wording recombines phrasings that training uses elsewhere (the prefix
+# "in the picture, " where training has the suffix, "tell me ..." where training asks directly), as
+# eval/world.py's unseen templates are openings no caption uses: VQA on them tests another wording of a
+# question the model can answer, not words it never read.
+WORDINGS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "what colour is the {0}?": (
+        ("what colour is the {0}?", "which colour is the {0}?", "tell me the colour of the {0}.",
+         "what colour is the {0} in the picture?"),
+        ("what is the colour of the {0}?", "in the picture, which colour is the {0}?")),
+    "what shape is the {0} object?": (
+        ("what shape is the {0} object?", "which shape is the {0} object?", "what is the shape of the {0} object?",
+         "what shape is the {0} object in the picture?"),
+        ("tell me the shape of the {0} object.", "in the picture, what shape is the {0} object?")),
+    "is the {0} big or small?": (
+        ("is the {0} big or small?", "is the {0} small or big?", "tell me if the {0} is big or small.",
+         "is the {0} in the picture big or small?"),
+        ("tell me if the {0} is small or big.", "in the picture, is the {0} big or small?")),
+    "how many {0} are there?": (
+        ("how many {0} are there?", "how many {0} can you see?", "count the {0}.", "how many {0} are in the picture?"),
+        ("tell me how many {0} there are.", "how many {0} does the picture show?")),
+    "is there {0}?": (
+        ("is there {0}?", "can you see {0}?", "does the picture show {0}?", "is there {0} in the picture?"),
+        ("tell me if there is {0}.", "in the picture, can you see {0}?")),
+    "is the {0} on the left or the right?": (
+        ("is the {0} on the left or the right?", "is the {0} on the right or the left?",
+         "tell me if the {0} is on the left or the right.", "is the {0} on the left or the right of the picture?"),
+        ("in the picture, is the {0} on the right or the left?", "tell me if the {0} is on the right or the left.")),
+    "is the {0} at the top or the bottom?": (
+        ("is the {0} at the top or the bottom?", "is the {0} at the bottom or the top?",
+         "tell me if the {0} is at the top or the bottom.", "is the {0} at the top or the bottom of the picture?"),
+        ("in the picture, is the {0} at the bottom or the top?", "tell me if the {0} is at the bottom or the top.")),
+    "where is the {0}?": (
+        ("where is the {0}?", "where is the {0} in the picture?", "tell me where the {0} is."),
+        ("in the picture, where is the {0}?", "where can you see the {0}?")),
+    "is the {0} left of the {1}?": (
+        ("is the {0} left of the {1}?", "is the {0} to the left of the {1}?", "tell me if the {0} is left of the {1}.",
+         "is the {0} left of the {1} in the picture?"),
+        ("in the picture, is the {0} to the left of the {1}?", "tell me if the {0} is to the left of the {1}.")),
+    "is the {0} above the {1}?": (
+        ("is the {0} above the {1}?", "is the {0} above the {1} in the picture?", "tell me if the {0} is above the {1}."),
+        ("in the picture, is the {0} above the {1}?", "can you tell me if the {0} is above the {1}?")),
+}  # fmt: skip
+WORDING_CHOICES = ("one", "varied", "heldout")  # questions()' wordings: the form, training's, the held-out ones
+_FORMS = [(re.compile("^" + re.escape(form).replace(r"\{0\}", "(.+?)").replace(r"\{1\}", "(.+?)") + "$"), form)
+          for form in WORDINGS]  # fmt: skip
 
 
 def question_kind(question: str) -> str:
@@ -109,9 +162,34 @@ def _phrasings(scene: Scene, order, opener: str) -> list[str]:
 
 
 def questions(
-    scene: Scene, rng: np.random.Generator | None = None, avoid: Iterable[str] = (), training: bool = False
+    scene: Scene, rng: np.random.Generator | None = None, avoid: Iterable[str] = (), training: bool = False,
+    wordings: str = "one",
 ) -> list[tuple[str, str]]:
     """(question, one-word answer) pairs, only those whose answer is unambiguous in this scene.
+
+    `wordings`: "one" asks each question in its one form; "varied" in one of its training wordings and
+    "heldout" in one of its held-out wordings (WORDINGS), drawn per question from the scene's own seed, so the
+    questions and answers are the same in every mode and only their wording differs."""
+    qa = _questions(scene, rng, avoid, training)
+    if wordings == "one":
+        return qa
+    if wordings not in WORDING_CHOICES:
+        raise ValueError(f"wordings={wordings!r} is not one of: {', '.join(WORDING_CHOICES)}")
+    pick = _scene_rng(scene, 3)
+    return [(reword(q, pick, held_out=wordings == "heldout"), a) for q, a in qa]
+
+
+def reword(question: str, rng: np.random.Generator, held_out: bool = False) -> str:
+    """The question in one of its form's training (or held-out) wordings; a question of no form unchanged."""
+    for pattern, form in _FORMS:
+        if match := pattern.match(question):
+            choices = WORDINGS[form][held_out]
+            return choices[rng.integers(len(choices))].format(*match.groups())
+    return question
+
+
+def _questions(scene: Scene, rng: np.random.Generator | None, avoid: Iterable[str], training: bool) -> list[tuple[str, str]]:
+    """questions() in their one form.
 
     `avoid`: labels that 'no' existence questions must not mention (e.g. the held-out ones in training).
     `training`: more existence questions, appended: a 'yes' about every object, as many plausible 'no's, and

@@ -8,18 +8,30 @@ from collections import defaultdict
 import torch
 
 from vlfm.data.chat import exact_match
+from vlfm.data.ood import render_scene
 from vlfm.data.shapes import ShapesWorld, WorldConfig, render_many
+from vlfm.data.transforms import to_uint8_tensor
 from vlfm.data.world_text import question_kind, questions
 from vlfm.models.vlm import left_pad
 
 
 class VQASet:
-    """Scenes `start..start+n-1` of a world split with all their questions."""
+    """Scenes `0..n-1` of a world split with all their questions. `wordings`: questions()' (one, or heldout:
+    wordings training never asks); `renderer`: world, or ood (the same scenes drawn by data/ood.py, digit scenes
+    left out: that renderer draws shapes only)."""
 
-    def __init__(self, world_config: WorldConfig, split: str = "val", n: int = 300, workers: int = 2):
-        images, scenes = render_many(ShapesWorld(world_config), split, n, workers=workers)
-        self.pixels = torch.from_numpy(images)  # uint8 (n, 3, H, W)
-        self.items = [(i, q, a) for i, scene in enumerate(scenes) for q, a in questions(scene)]
+    def __init__(self, world_config: WorldConfig, split: str = "val", n: int = 300, workers: int = 2,
+                 wordings: str = "one", renderer: str = "world"):  # fmt: skip
+        if renderer == "world":
+            images, scenes = render_many(ShapesWorld(world_config), split, n, workers=workers)
+            self.pixels = torch.from_numpy(images)  # uint8 (n, 3, H, W)
+        elif renderer == "ood":
+            world = ShapesWorld(world_config)
+            scenes = [s for s in (world.scene(split, i) for i in range(n)) if s.digit is None]
+            self.pixels = to_uint8_tensor([render_scene(s, world_config.image_size) for s in scenes])
+        else:
+            raise ValueError(f"renderer={renderer!r} is not world or ood")
+        self.items = [(i, q, a) for i, scene in enumerate(scenes) for q, a in questions(scene, wordings=wordings)]
 
     def __len__(self) -> int:
         return len(self.items)

@@ -66,7 +66,7 @@ def build_model(config: VLMRunConfig) -> VisionLanguageModel:
         lm_state = lm.state_dict()
     else:
         texts = world_text(world_scenes(config.data.world, config.data.text_size), template, np.random.default_rng(config.train.seed),
-                           config.data.world.held_out, config.data.count_questions)
+                           config.data.world.held_out, config.data.count_questions, config.data.wordings)
         tokenizer = Tokenizer.train(texts, vocab_size=model_config.lm.vocab_size)
     add_chat_tokens(tokenizer, template, model_config.image_token)
     model_config.image_token_id = tokenizer.backend.token_to_id(model_config.image_token)
@@ -289,11 +289,19 @@ def flat_dict(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+# The VQA sets evaluate_vlm reports: prefix -> (world split, wordings, renderer).
+VQA_SETS = {"vqa": ("val", "one", "world"), "vqa_heldout": ("heldout", "one", "world"),
+            "vqa_wordings": ("val", "heldout", "world"), "vqa_ood": ("val", "one", "ood")}  # fmt: skip
+
+
 def evaluate_vlm(model: VisionLanguageModel, config: VLMRunConfig) -> dict:
-    """VQA exact match on unseen scenes (`vqa_*`) and on scenes of the held-out colour-shape pairs."""
+    """VQA exact match on unseen scenes (`vqa_*`), on scenes of the held-out colour-shape pairs (`vqa_heldout_*`),
+    on the unseen scenes' questions in wordings training never asks (`vqa_wordings_*`) and on the unseen scenes
+    drawn by the independent renderer (`vqa_ood_*`)."""
     if config.data.source != "shapes":
         return {}
-    metrics = vqa_accuracy(model, VQASet(config.data.world, "val", config.data.eval_size, config.data.workers))
-    heldout = VQASet(config.data.world, "heldout", config.data.eval_size, config.data.workers)
-    metrics.update(vqa_accuracy(model, heldout, prefix="vqa_heldout"))
+    metrics = {}
+    for prefix, (split, wordings, renderer) in VQA_SETS.items():
+        data = VQASet(config.data.world, split, config.data.eval_size, config.data.workers, wordings, renderer)
+        metrics.update(vqa_accuracy(model, data, prefix=prefix))
     return metrics
