@@ -1,9 +1,11 @@
 """The presets on the built-in world, shortened to fit CI (slow: run by CI and `make test-all`, two at a time).
 
-Each run trains its preset for CI_STEPS steps (half the preset's 4,500) on one thread, so its numbers do not
-depend on the machine's core count, and checks floors set below what that length reached (measured values in
-the comments; docs/experiments.md §12 has the runs and the full-length figures). They catch a preset, a model
-or a training loop that stops learning. Two groups share the two cores (`pytest -n 2 --dist loadscope`).
+Each run trains its preset for CI_STEPS steps (about a quarter of the preset's 4,500) on one thread, so its
+numbers do not depend on the machine's core count, and checks floors set below what that length reached
+(measured values in the comments; docs/experiments.md §12 has the runs and the full-length figures). They catch
+a preset, a model or a training loop that stops learning. Two groups share the two cores (`pytest -n 2 --dist
+loadscope`): the four presets on one, the assistant's path on the other; CI must end within 60 minutes on the
+slower CI machine, where these trainings run ~2x slower than on the project machine.
 """
 
 from pathlib import Path
@@ -20,15 +22,15 @@ from vlfm.eval.tasks import evaluate_task
 from vlfm.search import SearchIndex
 from vlfm.train import run
 
-CI_STEPS = 2250
+CI_STEPS = 1200
 SHORT = [f"train.steps={CI_STEPS}", f"train.eval_every={CI_STEPS}", "train.save_every=0", "train.threads=1"]
 # floors per preset: seen-combination top-1, held-out top-1 (chance 1/30), t2i R@1 (1,000 held-out scenes, any
 # scene carrying the caption counts); measured at CI_STEPS on one thread in the comments
 FLOORS = {
-    "shapes-clip": (0.85, 0.55, 0.68),  # 0.916, 0.716, 0.762
-    "shapes-siglip": (0.70, 0.45, 0.57),  # 0.792, 0.594, 0.657
-    "shapes-lit": (0.92, 0.60, 0.78),  # 0.990, 0.810, 0.864
-    "shapes-glyphs": (0.62, 0.40, 0.68),  # 0.714, 0.514, 0.765
+    "shapes-clip": (0.50, 0.45, 0.48),  # 0.646, 0.632, 0.614
+    "shapes-siglip": (0.22, 0.22, 0.28),  # 0.324, 0.336, 0.391
+    "shapes-lit": (0.80, 0.35, 0.65),  # 0.902, 0.520, 0.792
+    "shapes-glyphs": (0.20, 0.14, 0.45),  # 0.322, 0.252, 0.574
 }
 
 
@@ -40,33 +42,30 @@ def check_preset(preset, tmp_path):
     assert metrics["zeroshot_top1"] >= held_out, metrics
     assert metrics["t2i_r1"] >= t2i, metrics
     if preset == "shapes-lit":
-        # words the world never uses, read through the locked MiniLM text tower (0.373, 0.352, 0.904)
-        assert metrics["zeroshot_unseen_colours_top1"] >= 0.25, metrics
-        assert metrics["zeroshot_unseen_shapes_top1"] >= 0.25, metrics
-        assert metrics["zeroshot_unseen_templates_top1"] >= 0.75, metrics
+        # words the world never uses, read through the locked MiniLM text tower (0.313, 0.320, 0.719)
+        assert metrics["zeroshot_unseen_colours_top1"] >= 0.18, metrics
+        assert metrics["zeroshot_unseen_shapes_top1"] >= 0.18, metrics
+        assert metrics["zeroshot_unseen_templates_top1"] >= 0.55, metrics
     if preset == "shapes-glyphs":
-        # zero-shot on real handwriting (scikit-learn's digits) after training on rendered glyphs only: 0.580
+        # zero-shot on real handwriting (scikit-learn's digits) after training on rendered glyphs only: 0.395
         digits = evaluate_task(vlfm.load(config.run_dir), "zeroshot_classification", "digits")
-        assert digits["top1"] >= 0.40, digits
+        assert digits["top1"] >= 0.25, digits
     if preset == "shapes-clip":
-        # text -> image search over 10,000 held-out scenes: "a red circle" must return scenes with a red circle
-        # (precision@10 over the 25 seen colour+shape queries: 0.948)
-        assert search_precision(config, tmp_path / "scenes", 10_000) >= 0.85
+        # text -> image search over 3,000 held-out scenes: "a red circle" must return scenes with a red circle
+        # (precision@10 over the 25 seen colour+shape queries: 0.704)
+        assert search_precision(config, tmp_path / "scenes", 3_000) >= 0.55
 
 
 # Two groups, one a core (`pytest -n 2 --dist loadscope` keeps a class on one worker), of about equal time.
 @pytest.mark.slow
 class TestContrastivePresets:
-    @pytest.mark.parametrize("preset", ["shapes-clip", "shapes-glyphs", "shapes-lit"])
+    @pytest.mark.parametrize("preset", ["shapes-clip", "shapes-siglip", "shapes-glyphs", "shapes-lit"])
     def test_preset_learns_the_world(self, preset, tmp_path):
         check_preset(preset, tmp_path)
 
 
 @pytest.mark.slow
-class TestSigLipAndTheAssistant:
-    def test_preset_learns_the_world(self, tmp_path):
-        check_preset("shapes-siglip", tmp_path)
-
+class TestTheAssistant:
     def test_vlm_preset_answers_questions_about_new_scenes(self, tmp_path, capsys):
         check_assistant(tmp_path, capsys)
 
@@ -90,7 +89,7 @@ def search_precision(config, folder: Path, n: int) -> float:
 
 def check_assistant(tmp_path, capsys):
     """`make demo-vlm`'s path, shortened: a LiT image tower, then the assistant's stages 0-2 on top of it, with
-    stage 2's relation window earlier in fewer steps."""
+    stage 2's relation window earlier; evaluated on 200 unseen scenes a set (the preset: 300)."""
     # the Makefile's tower: grey colour-free scenes, not the preset's off-palette ones (docs/experiments.md §10)
     tower = load_config("configs/shapes-lit.yaml", [f"output_dir={tmp_path}", "name=tower", "train.steps=1200",
                                                      "train.eval_every=0", "train.save_every=0", "train.threads=1",
@@ -98,11 +97,12 @@ def check_assistant(tmp_path, capsys):
     run(tower)
     config = load_config("configs/shapes-vlm.yaml", [f"output_dir={tmp_path}", "name=vlm", "train.threads=1",
                                                      "train.eval_every=0",
-                                                     f"model.vision_init={tower.run_dir}", "stage2.steps=900",
+                                                     f"model.vision_init={tower.run_dir}", "stage2.steps=1000",
                                                      "stage2.phases=[{steps: 300, objects: 1}, "
-                                                     "{start: 600, steps: 150, kinds: [relation]}]"])  # fmt: skip
+                                                     "{start: 600, steps: 250, kinds: [relation]}]",
+                                                     "data.eval_size=200"])  # fmt: skip
     metrics = run(config)
-    # every question of 300 scenes never trained on: 0.816 at this length (relation 0.741; chance 0.5 on yes/no)
+    # every question of unseen scenes: 0.836 at this length on 300 (relation 0.809; chance 0.5 on yes/no)
     assert metrics["vqa_acc"] >= 0.65, metrics
     assert metrics["vqa_acc_relation"] >= 0.6, metrics
     capsys.readouterr()
