@@ -339,7 +339,8 @@ def _render_plain(scene: Scene, n: int) -> np.ndarray:
     rng = np.random.default_rng(scene.background % 2**32)
     s = n * _SUPERSAMPLE
     back = _background(rng, n)
-    bg = Image.fromarray(np.clip(back, 0, 255).astype(np.uint8)).resize((s, s), Image.NEAREST)
+    small = np.clip(back, 0, 255).astype(np.uint8)
+    bg = Image.fromarray(small).resize((s, s), Image.NEAREST)
     draw = ImageDraw.Draw(bg)
     background = float(back.mean())
     for obj in scene.objects:
@@ -348,13 +349,25 @@ def _render_plain(scene: Scene, n: int) -> np.ndarray:
         rx, ry = extent / 2 * rng.uniform(0.92, 1.0, size=2)  # a little aspect jitter, never beyond the box
         colour = _colour(scene, obj, rng, background)
         _draw(draw, obj.shape, obj.x * s, obj.y * s, rx, ry, tuple(int(c) for c in colour))
-    img = np.asarray(bg.resize((n, n), Image.BOX), dtype=np.float32)
+        # Off the objects each 4x4 block holds one background value, which the box filter returns unchanged:
+        # only the objects' footprints need downsampling (PIL's box filter, so the same rounding as a full resize).
+        x0, y0, x1, y1 = _footprint(obj.x * n, obj.y * n, max(rx, ry) / _SUPERSAMPLE, n)
+        region = tuple(v * _SUPERSAMPLE for v in (x0, y0, x1, y1))
+        small[y0:y1, x0:x1] = np.asarray(bg.resize((x1 - x0, y1 - y0), Image.BOX, box=region))
+    img = small.astype(np.float32)
     # Pixel noise after compositing: objects are not flat colour either, so colour is a region statistic.
     img = img + rng.normal(0, rng.uniform(3, 8), size=(n, n, 1))
     img += rng.normal(0, 2, size=(n, n, 3))
     img += 0.5
     image = np.clip(img, 0, 255, out=img).astype(np.uint8)
     return _greyscale(image) if scene.grey and not scene.off_palette else image
+
+
+def _footprint(cx: float, cy: float, r: float, n: int) -> tuple[int, int, int, int]:
+    """Output pixels an object drawn around (cx, cy) with radii <= r (output pixels) can touch, with a margin
+    (a star's centre sits 0.1 r low, and edges spill into the next pixel)."""
+    m = 1.25 * r + 2
+    return max(0, int(cx - m)), max(0, int(cy - m)), min(n, int(cx + m) + 1), min(n, int(cy + m) + 1)
 
 
 def _greyscale(image: np.ndarray) -> np.ndarray:
