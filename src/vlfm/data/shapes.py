@@ -291,10 +291,6 @@ def _grey_level(rng: np.random.Generator, background: float) -> int:
 
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float64)
 _PALETTE_RGB = [tuple(map(float, c)) for c in COLOURS.values()]
-
-
-def _square(x: float) -> float:
-    return x * x  # a product, as numpy's norm takes it (pow may round differently)
 _OFF_PALETTE = 90.0  # an off-palette colour's least RGB distance to a named colour (render jitter is +-15 a channel)
 
 
@@ -305,7 +301,8 @@ def _off_palette(rng: np.random.Generator, background: float) -> np.ndarray:
         # Python floats in numpy's order of operations (norm: sqrt of the sum of squares; mean: sum / 3), so the
         # same colours pass, at a fraction of the cost of numpy calls on 3 numbers.
         r, g, b = colour = rng.uniform(0, 255, size=3).tolist()
-        near = min(math.sqrt(_square(pr - r) + _square(pg - g) + _square(pb - b)) for pr, pg, pb in _PALETTE_RGB)
+        diffs = ((pr - r, pg - g, pb - b) for pr, pg, pb in _PALETTE_RGB)
+        near = min(math.sqrt(dr * dr + dg * dg + db * db) for dr, dg, db in diffs)
         if near > _OFF_PALETTE and abs((r + g + b) / 3 - background) > 30:
             return np.array(colour)
 
@@ -330,12 +327,6 @@ def render(scene: Scene, image_size: int = 64) -> Image.Image:
     return Image.fromarray(_render_plain(scene, image_size))
 
 
-def render_array(scene: Scene, image_size: int = 64) -> np.ndarray:
-    """render() as uint8 [H, W, 3], without a PIL round trip for a plain scene."""
-    plain = scene.digit is None and not scene.randomised
-    return _render_plain(scene, image_size) if plain else np.asarray(render(scene, image_size))
-
-
 def _render_plain(scene: Scene, n: int) -> np.ndarray:
     rng = np.random.default_rng(scene.background % 2**32)
     s = n * _SUPERSAMPLE
@@ -355,9 +346,8 @@ def _render_plain(scene: Scene, n: int) -> np.ndarray:
         x0, y0, x1, y1 = _footprint(obj.x * n, obj.y * n, max(rx, ry) / _SUPERSAMPLE, n)
         region = tuple(v * _SUPERSAMPLE for v in (x0, y0, x1, y1))
         small[y0:y1, x0:x1] = np.asarray(bg.resize((x1 - x0, y1 - y0), Image.BOX, box=region))
-    img = small.astype(np.float32)
     # Pixel noise after compositing: objects are not flat colour either, so colour is a region statistic.
-    img = img + rng.normal(0, rng.uniform(3, 8), size=(n, n, 1))
+    img = small.astype(np.float32) + rng.normal(0, rng.uniform(3, 8), size=(n, n, 1))
     img += rng.normal(0, 2, size=(n, n, 3))
     img += 0.5
     image = np.clip(img, 0, 255, out=img).astype(np.uint8)
@@ -365,16 +355,14 @@ def _render_plain(scene: Scene, n: int) -> np.ndarray:
 
 
 def _footprint(cx: float, cy: float, r: float, n: int) -> tuple[int, int, int, int]:
-    """Output pixels an object drawn around (cx, cy) with radii <= r (output pixels) can touch, with a margin
-    (a star's centre sits 0.1 r low, and edges spill into the next pixel)."""
+    """Output pixels an object of radii <= r around (cx, cy) can touch; the margin: stars sit low, edges spill."""
     m = 1.25 * r + 2
     return max(0, int(cx - m)), max(0, int(cy - m)), min(n, int(cx + m) + 1), min(n, int(cy + m) + 1)
 
 
 def _greyscale(image: np.ndarray) -> np.ndarray:
     """PIL's convert("L").convert("RGB") in integers, exactly: L = (19595 R + 38470 G + 7471 B + 2^15) >> 16."""
-    rgb = image.astype(np.uint32)
-    grey = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
+    grey = (image.astype(np.uint32) @ np.array([19595, 38470, 7471], dtype=np.uint32) + 0x8000) >> 16
     return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
 
 
@@ -382,7 +370,9 @@ def _render_chunk(args: tuple[WorldConfig, str, int, int]) -> tuple[np.ndarray, 
     config, split, start, n = args  # top level: picklable under spawn, fork and forkserver
     world = ShapesWorld(config)
     scenes = [world.scene(split, i) for i in range(start, start + n)]
-    return np.stack([render_array(sc, config.image_size) for sc in scenes]), scenes
+    arrays = [_render_plain(sc, config.image_size) if sc.digit is None and not sc.randomised
+              else np.asarray(world.render(sc)) for sc in scenes]  # fmt: skip
+    return np.stack(arrays), scenes
 
 
 def render_many(
