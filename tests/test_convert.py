@@ -312,8 +312,29 @@ def test_missing_tokenizer_and_preprocessing_are_said(tmp_path, caplog):
         model = vlfm.load(path)
     assert "no tokenizer" in caplog.text and "no preprocessor_config.json" in caplog.text
     assert model.preprocess_config.mean[0] == pytest.approx(0.48145466)
-    with pytest.raises(RuntimeError, match="no tokenizer attached"):
+    with pytest.raises(CheckpointError, match="no tokenizer attached, so it cannot embed text.*tokenizer files"):
         model.tokenize("a cat")
+
+
+def test_text_on_a_checkpoint_without_tokenizer_is_a_user_error(tmp_path, capsys):
+    """`vlfm embed --texts` prints one line and exits 2; the server answers 400 in its JSON error shape."""
+    from fastapi.testclient import TestClient
+
+    from vlfm.cli import main
+    from vlfm.serve import create_app
+
+    _, path = hf_clip(tmp_path, CLIP_VARIANTS[0])
+    (tmp_path / "texts.txt").write_text("a cat\n")
+    capsys.readouterr()  # transformers' progress bars while saving
+    assert main(["embed", str(path), "--texts", str(tmp_path / "texts.txt"), "--out", str(tmp_path / "e.npy")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no tokenizer attached" in err and "Traceback" not in err
+    assert not (tmp_path / "e.npy").exists()
+    with TestClient(create_app(vlfm.load(path))) as client:
+        r = client.post("/v1/embeddings", json={"input": ["a cat"]})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert "no tokenizer attached" in r.json()["error"]["message"]
 
 
 def test_cli_convert_and_info(tmp_path, capsys):

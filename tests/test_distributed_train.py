@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY, tiny_config
 from vlfm.config import ConfigError
+from vlfm.io import UsageError
 from vlfm.train import run
 
 # One process and two ranks reduce the same sums in a different order: measured max difference 3e-7 after 6 steps.
@@ -95,13 +96,20 @@ def test_world_size_must_divide_the_global_batch(tmp_path, monkeypatch):
         run(tiny_config(tmp_path))
 
 
-def test_missing_rendezvous_fails_fast_with_the_variables(tmp_path, monkeypatch):
+def test_missing_rendezvous_fails_fast_with_the_variables(tmp_path, monkeypatch, capsys):
+    from vlfm.cli import main
+
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)
-    with pytest.raises(RuntimeError, match="MASTER_ADDR, MASTER_PORT not set"):
+    with pytest.raises(UsageError, match="MASTER_ADDR, MASTER_PORT not set in the environment; launch with `torchrun"):
         run(tiny_config(tmp_path))
+    capsys.readouterr()
+    overrides = [part for o in TINY + [f"output_dir={tmp_path}", "name=cli"] for part in ("-o", o)]
+    assert main(["train", "configs/shapes-clip.yaml", *overrides]) == 2  # the CLI says it in one line, no traceback
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "MASTER_ADDR, MASTER_PORT not set" in err and "torchrun --nproc-per-node" in err
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])

@@ -143,11 +143,20 @@ def test_open_clip_model_tag_names_use_open_clip_config_and_repository(cache, tm
 ])  # fmt: skip
 def test_open_clip_names_translate_to_their_model_dimensions(name, vision, act):
     repo, revision, meta = hub.parse(name + "@v1")
+    assert hub.open_clip_meta_for_name(name) == meta
     config = open_clip_config(meta)
     assert repo.startswith(("laion/", "timm/")) and revision == "v1"
     v = config.vision
     assert (v.width, v.layers, v.heads, v.patch_size) == vision and v.act == act == config.text.act
     assert config.text.context_length == 77 and config.text.vocab_size == 49408
+
+
+def test_only_open_clip_tag_names_carry_open_clip_meta(tmp_path, monkeypatch):
+    assert hub.open_clip_meta_for_name("ViT-B-32/openai")["model_cfg"]["quick_gelu"] is True
+    assert hub.open_clip_meta_for_name("someone/tiny") is None
+    (tmp_path / "ViT-B-32" / "openai").mkdir(parents=True)  # a local folder of that name is a path, not a name
+    monkeypatch.chdir(tmp_path)
+    assert hub.open_clip_meta_for_name("ViT-B-32/openai") is None
 
 
 def test_a_revision_picks_its_snapshot(cache, tmp_path):

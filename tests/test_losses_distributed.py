@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from vlfm import distributed
+from vlfm.io import UsageError
 from vlfm.losses import clip_loss, clip_loss_distributed, siglip_loss, siglip_loss_distributed
 
 WORLD, ROWS, DIM = 3, 3, 6
@@ -145,5 +146,5 @@ def test_init_without_torchrun_env_names_the_variables(monkeypatch):
     for name in distributed.RENDEZVOUS_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(RuntimeError, match="MASTER_ADDR, MASTER_PORT, WORLD_SIZE not set.*torchrun"):
+    with pytest.raises(UsageError, match="MASTER_ADDR, MASTER_PORT, WORLD_SIZE not set.*torchrun --nproc-per-node"):
         distributed.init_from_env(backend="gloo")

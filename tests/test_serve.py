@@ -238,6 +238,16 @@ def test_chat_errors(client, served):
     error_of(chat([long]), 400, "limit_exceeded", "context holds 96")
 
 
+def test_an_assistant_without_tokenizer_answers_400_not_500(served):
+    bare = type(served.vlm)(served.vlm.config)  # no tokenizer: as loaded from a directory without tokenizer.json
+    image = {"type": "image_url", "image_url": {"url": data_url(served.images[0])}}
+    message = {"role": "user", "content": [image, {"type": "text", "text": "hi"}]}
+    with TestClient(create_app(served.model, "tiny", None, bare, "bare")) as c:
+        for stream in (False, True):
+            r = c.post("/v1/chat/completions", json={"messages": [message], "stream": stream})
+            error_of(r, 400, "invalid_request_error", "no tokenizer, so it cannot read a prompt")
+
+
 def test_limits_are_enforced_with_the_flag_named(served):
     limits = Limits(max_body_bytes=20_000, max_pixels=40 * 40, max_inputs=2, max_labels=2, max_text_chars=20, max_k=3,
                     max_tokens=4, max_messages=2)  # fmt: skip

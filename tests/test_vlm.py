@@ -14,6 +14,7 @@ from vlfm.adapt.lora import add_lora, load_adapter, merge_lora, save_adapter
 from vlfm.cli import main
 from vlfm.config import ConfigError, StageConfig, load_config
 from vlfm.data.shapes import ShapesWorld, WorldConfig
+from vlfm.io import CheckpointError
 from vlfm.models.projector import Projector, pixel_shuffle
 from vlfm.train import run
 from vlfm.train.vlm import build_model, set_trainable
@@ -98,6 +99,21 @@ def test_chat_bad_input(model, images):
         model.chat(images[0], "<image> <image> two images?")
     with pytest.raises(ValueError, match="max_positions"):
         model.chat(images[0], "how many " * 60)
+
+
+def test_an_assistant_without_tokenizer_is_a_user_error(tmp_path, model, images, capsys):
+    """A saved assistant with no tokenizer.json: the API raises CheckpointError saying what to do, and
+    `vlfm chat` prints it as one line, exit 2."""
+    type(model)(model.config).save(tmp_path / "m")  # no tokenizer attached, so none saved
+    bare = vlfm.load(tmp_path / "m")
+    assert bare.tokenizer is None
+    with pytest.raises(CheckpointError, match="no tokenizer, so it cannot read a prompt.*save the model with its tok"):
+        bare.chat(images[0], "what shape is it?")
+    images[0].save(tmp_path / "x.png")
+    capsys.readouterr()
+    assert main(["chat", str(tmp_path / "m"), "--image", str(tmp_path / "x.png"), "--prompt", "what shape?"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no tokenizer, so it cannot read a prompt" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("stage, stage_config, learns", [

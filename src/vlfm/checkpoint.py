@@ -89,7 +89,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", config: str | Pat
     Hugging Face CLIP / SigLIP / BERT / LLaVA / Llama / Qwen2 directory, open_clip weights (`config`: its
     model-config JSON), or any of them by hub name (`ORG/NAME[@REV]`, `hf-hub:...`, open_clip `MODEL/TAG`)."""
     directory = resolve(path)
-    config = config or hub.open_clip_config(path)  # open_clip names come with open_clip's model config
+    config = config or hub.open_clip_meta_for_name(path)  # open_clip names come with open_clip's model config
     if directory.is_dir():
         check_manifest(directory)  # sizes against manifest.json first: a cut-short file is named as such
     model = from_directory(directory) if detect(directory) == "vlfm" else load_foreign(directory, config)

@@ -14,6 +14,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from vlfm.io import UsageError
+
 RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
 
 
@@ -36,9 +38,9 @@ def init_from_env(backend: str | None = None, timeout: timedelta = timedelta(min
     a silent hang. NCCL when CUDA is available (one GPU per process, chosen by LOCAL_RANK), gloo otherwise."""
     missing = [name for name in RENDEZVOUS_VARIABLES if not os.environ.get(name)]
     if missing:
-        raise RuntimeError(f"cannot start torch.distributed: {', '.join(missing)} not set in the environment; "
-                           "launch with `torchrun --nproc-per-node N ...`, which sets "
-                           f"{', '.join(RENDEZVOUS_VARIABLES)}, LOCAL_RANK")
+        raise UsageError(f"cannot start torch.distributed: {', '.join(missing)} not set in the environment; "
+                         "launch with `torchrun --nproc-per-node N ...`, which sets "
+                         f"{', '.join(RENDEZVOUS_VARIABLES)}, LOCAL_RANK")
     device = torch.device("cpu")
     if torch.cuda.is_available() and backend in (None, "nccl"):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -84,8 +84,9 @@ def parse(spec: str) -> tuple[str, str | None, dict | None]:
     return name, revision or None, None
 
 
-def open_clip_config(spec: str | Path) -> dict | None:
-    """open_clip's model config for a `MODEL/TAG` name (None for any other name or a local path)."""
+def open_clip_meta_for_name(spec: str | Path) -> dict | None:
+    """The open_clip metadata (model_cfg, preprocess_cfg, tokenizer_repo) a `MODEL/TAG` name stands for, as
+    interop.open_clip reads it (None for any other name or a local path)."""
     return parse(str(spec))[2] if is_name(spec) else None
 
 

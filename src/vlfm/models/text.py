@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlfm.config import TextConfig
+from vlfm.io import CheckpointError
 from vlfm.models.base import SavedModel, register
 from vlfm.nn import Transformer, init_transformer
 
@@ -82,9 +83,10 @@ class TextEmbedding:
 
     def tokenize(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokenizer is None:
-            raise RuntimeError(
-                "this model has no tokenizer attached: its directory had no tokenizer.json (or vocab files); "
-                "copy the tokenizer files of the original model beside the weights"
+            raise CheckpointError(
+                "this model has no tokenizer attached, so it cannot embed text: its directory had no tokenizer.json "
+                "(or vocab files); copy the original model's tokenizer files beside the weights, or save the model "
+                "with its tokenizer"
             )
         c = self.text.config
         return self.tokenizer(texts, c.context_length, pad_to_context=c.pool == "end")

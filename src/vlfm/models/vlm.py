@@ -22,7 +22,7 @@ from vlfm.data.chat import (
 )
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess
-from vlfm.io import open_image
+from vlfm.io import CheckpointError, open_image
 from vlfm.models.base import SavedModel, register
 from vlfm.models.lm import LanguageModel
 from vlfm.models.projector import Projector
@@ -128,7 +128,11 @@ class VisionLanguageModel(SavedModel, nn.Module):
         tokenizer's own chat template where it has one, else the model's), with the image placeholders expanded;
         `images` says how many images come with it."""
         if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: load it with vlfm.load or pass one")
+            raise CheckpointError(
+                "this assistant has no tokenizer, so it cannot read a prompt: its directory had no tokenizer.json; "
+                "save the model with its tokenizer (copy tokenizer.json of the run that trained it beside the "
+                "weights), or pass one: VisionLanguageModel(config, tokenizer)"
+            )
         if self.tokenizer.chat_template:  # a Hugging Face checkpoint's own template, as transformers renders it
             ids = encode_with_chat_template(conversation, self.tokenizer)
         else:
