@@ -9,7 +9,7 @@ TOWER_STEPS ?= 1800
 # the assistant's tower keeps the grey colour-free scenes its stages were tuned on (docs/experiments.md, 10.1)
 TOWER_WORLD := -o data.world.colour_free_fraction=0.3 -o data.world.colour_free_style=grey
 
-.PHONY: setup browser demo demo-siglip demo-vlm test test-slow test-all bench bench-vlm bench-serve parity-open-clip lint clean
+.PHONY: setup browser demo demo-siglip demo-vlm test test-slow test-all bench bench-inference bench-vlm bench-serve parity-open-clip lint clean
 
 setup: $(VENV)/.installed
 
@@ -60,12 +60,15 @@ BENCH_TORCH ?= torch==2.14.1 torchvision==0.29.1
 $(BENCH_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/pip install -q $(BENCH_TORCH)
-	$(BENCH_VENV)/bin/pip install -q $(BENCH_TORCH) open_clip_torch
+	$(BENCH_VENV)/bin/pip install -q $(BENCH_TORCH) open_clip_torch transformers
 	$(BENCH_VENV)/bin/pip install -q $(BENCH_TORCH) -e .
 	touch $@
 
 bench: $(BENCH_VENV)/.installed  ## vlfm vs open_clip training samples/s (flags: BENCH_ARGS="--steps 5")
 	$(BENCH_VENV)/bin/python bench/train_step.py $(BENCH_ARGS)
+
+bench-inference: $(BENCH_VENV)/.installed  ## encode_image / encode_text per s: vlfm's embedding path vs open_clip and transformers
+	$(BENCH_VENV)/bin/python bench/inference.py $(BENCH_ARGS)
 
 bench-vlm: setup  ## stage-2 step memory and tokens/s: full fine-tuning vs LoRA vs LoRA + gradient checkpointing
 	$(BIN)/python bench/vlm_memory.py $(BENCH_ARGS)

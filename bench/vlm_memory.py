@@ -46,7 +46,8 @@ import torch
 
 from vlfm.config import LMConfig, StageConfig, TrainConfig, VisionConfig, VLMConfig
 from vlfm.models.vlm import VisionLanguageModel
-from vlfm.train.loop import autocast_context, parameter_groups
+from vlfm.nn import autocast
+from vlfm.train.loop import parameter_groups
 from vlfm.train.vlm import next_token_loss, set_trainable
 
 VARIANTS = ("full", "lora", "lora+ckpt")
@@ -123,7 +124,7 @@ def measure(variant: str, args) -> dict:
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        with autocast_context(device, args.precision):
+        with autocast(device, args.precision):
             loss = next_token_loss(model, batch["ids"], batch["labels"], batch["mask"], batch["pixels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, train.clip_grad)

@@ -208,7 +208,7 @@ def test_zero_shot_matches_transformers_tokenizer_and_processor(tmp_path):
     images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in [(47, 61), (80, 33), (32, 32)]]
     labels = ["a red circle", "a blue square", "a photo of a cat", "the dog"]
 
-    model = vlfm.load(path)
+    model = vlfm.load(path, precision="fp32")
     with torch.no_grad():
         inputs = tokenizer(labels, padding=True, return_tensors="pt")
         text = reference.get_text_features(**inputs).pooler_output

@@ -21,7 +21,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def minilm():
-    return vlfm.load(get_model_path())
+    return vlfm.load(get_model_path(), precision="fp32")
 
 
 def test_minilm_matches_sentence_transformers(minilm):
@@ -43,6 +43,6 @@ def test_minilm_knows_synonyms(minilm):
 
 def test_minilm_saves_and_reloads_as_vlfm(minilm, tmp_path):
     minilm.save(tmp_path / "minilm")
-    again = vlfm.load(tmp_path / "minilm")
+    again = vlfm.load(tmp_path / "minilm", precision="fp32")
     assert isinstance(again, TextEncoder)
     assert torch.equal(again.embed_texts(TEXTS[:3]), minilm.embed_texts(TEXTS[:3]))

@@ -264,7 +264,7 @@ def test_loss_from_labelled_positions_equals_the_full_logits_loss(model, images)
 
 
 def test_bf16_autocast_and_gradient_checkpointing_train_the_same_step(tmp_path, images):
-    from vlfm.train.loop import autocast_context
+    from vlfm.nn import autocast
     from vlfm.train.vlm import next_token_loss
 
     torch.manual_seed(0)
@@ -277,7 +277,7 @@ def test_bf16_autocast_and_gradient_checkpointing_train_the_same_step(tmp_path, 
     def step(precision, checkpointing):
         model.zero_grad()
         model.set_grad_checkpointing(checkpointing)
-        with autocast_context(torch.device("cpu"), precision):
+        with autocast(torch.device("cpu"), precision):
             loss = next_token_loss(model, ids, labels, mask, pixels)
         loss.backward()
         return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])

@@ -38,6 +38,7 @@ from vlfm.io import (
     read_weights,
 )
 from vlfm.models.base import check_manifest, from_directory, tensor_bytes, write_failed
+from vlfm.nn import resolve_precision
 
 log = logging.getLogger("vlfm")
 
@@ -84,15 +85,18 @@ def _step_directories(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", config: str | Path | dict | None = None):
+def load(path: str | Path, device: str | torch.device = "cpu", config: str | Path | dict | None = None,
+         precision: str = "auto"):
     """Load a checkpoint with its tokenizer and preprocessing attached: a vlfm checkpoint or run directory, a
     Hugging Face CLIP / SigLIP / BERT / LLaVA / Llama / Qwen2 directory, open_clip weights (`config`: its
-    model-config JSON), or any of them by hub name (`ORG/NAME[@REV]`, `hf-hub:...`, open_clip `MODEL/TAG`)."""
+    model-config JSON), or any of them by hub name (`ORG/NAME[@REV]`, `hf-hub:...`, open_clip `MODEL/TAG`).
+    `precision`: what its embed_* methods run in (models/text.py TextEmbedding: auto = bf16 where it is fast)."""
     directory = resolve(path)
     config = config or hub.open_clip_meta_for_name(path)  # open_clip names come with open_clip's model config
     if directory.is_dir():
         check_manifest(directory)  # sizes against manifest.json first: a cut-short file is named as such
     model = from_directory(directory) if detect(directory) == "vlfm" else load_foreign(directory, config)
+    model.precision = resolve_precision(precision, torch.device(device))
     return model.to(device).eval()
 
 

@@ -1,9 +1,11 @@
 """Shared transformer blocks: attention with separate q/k/v Linears (so LoRA and checkpoint key maps stay
-simple), an MLP, and the pre-norm residual block used by both towers."""
+simple), an MLP, and the pre-norm residual block used by both towers; and the precision a model runs in."""
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,37 @@ def activation(name: str) -> nn.Module:
     if name == "silu":
         return nn.SiLU()
     raise ValueError(f"unknown activation {name!r}")
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@cache
+def fast_bf16(device_type: str) -> bool:
+    """Whether bf16 matmuls are native (fast) here: a GPU with bf16, or a CPU with AVX512-BF16 or AMX. On other
+    CPUs bf16 is emulated and slower than fp32."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` -> bf16 where it is fast (fast_bf16), else fp32; other choices stand as they are."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    return "bf16" if fast_bf16(device.type) else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context of `precision` (`auto` resolved here): weights stay fp32, matmuls run in bf16/fp16."""
+    precision = resolve_precision(precision, device)
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 class QuickGELU(nn.Module):
@@ -52,9 +85,9 @@ class Attention(nn.Module):
 
 
 def attention(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-    """Scaled dot-product attention; under CPU autocast in fp32, whose backward is much faster there than bf16's
-    (docs/experiments.md §11)."""
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+    """Scaled dot-product attention; when training under CPU autocast in fp32, whose backward is much faster there
+    than bf16's (docs/experiments.md §11)."""
+    if q.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
             out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal)
         return out.to(q.dtype)

@@ -10,6 +10,7 @@ from vlfm.cli.assistant import describe, eval_vlm
 from vlfm.cli.common import (
     add_collection_flags,
     add_max_pixels,
+    add_precision,
     distributed_run,
     non_negative_int,
     output_home,
@@ -23,6 +24,7 @@ from vlfm.io import UsageError, open_image
 
 def add_eval(p) -> None:
     p.add_argument("checkpoint", help="run directory or checkpoint directory")
+    add_precision(p)
     p.add_argument("--task", choices=("world", "zeroshot_classification", "zeroshot_retrieval", "linear_probe"),
                    default="world", help="world (default): zero-shot + retrieval on the built-in world -> eval.json")
     p.add_argument("--dataset", default="shapes",
@@ -48,7 +50,7 @@ def eval_command(args) -> None:
     from vlfm.models import VisionLanguageModel
 
     path = Path(args.checkpoint)
-    model = load(path)
+    model = load(path, precision=args.precision)
     default_dir = path if path.is_dir() and (path / "config.yaml").is_file() else output_home(path)
     if isinstance(model, VisionLanguageModel):
         if args.task != "world" or args.dataset != "shapes":
@@ -86,6 +88,7 @@ def eval_command(args) -> None:
 
 def add_classify(p) -> None:
     p.add_argument("checkpoint")
+    add_precision(p)
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--labels", type=text, required=True, help='comma-separated labels, e.g. "a red circle,a blue square"')
     p.add_argument("--templates", help='comma-separated prompt templates with {}, e.g. "a photo of {}"')
@@ -103,7 +106,7 @@ def classify_command(args) -> None:
     templates = [t.strip() for t in args.templates.split(",")] if args.templates else None
     if templates and any("{}" not in t for t in templates):
         raise UsageError("every template needs a {} where the label goes")
-    model = two_tower(load(args.checkpoint), "classify")
+    model = two_tower(load(args.checkpoint, precision=args.precision), "classify")
     images = [open_image(p, args.max_pixels, model.preprocess_config.image_size) for p in args.images]
     probabilities = model.classify(images, labels, templates)
     width = max(len(label) for label in labels)
@@ -116,6 +119,7 @@ def classify_command(args) -> None:
 
 def add_embed(p) -> None:
     p.add_argument("checkpoint")
+    add_precision(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="an image folder, a caption file (.csv/.tsv/.jsonl) or WebDataset shards "
                                          "(undecodable images are skipped and counted)")  # fmt: skip
@@ -130,7 +134,7 @@ def embed_command(args) -> None:
     out = Path(args.out)
     if out.suffix != ".npy":  # np.save would add it: name the file actually written
         out = out.with_name(out.name + ".npy")
-    model = load(args.checkpoint)
+    model = load(args.checkpoint, precision=args.precision)
     if args.images:
         return _embed_images(two_tower(model, "embed --images"), args, out)
     from vlfm.search.collection import save_embeddings

@@ -9,6 +9,7 @@ from vlfm import distributed
 from vlfm.cli.common import (
     add_collection_flags,
     add_max_pixels,
+    add_precision,
     distributed_run,
     positive_int,
     text,
@@ -35,6 +36,7 @@ def add_index(p) -> None:
                                              "(undecodable images are skipped and counted)")  # fmt: skip
         source.add_argument("--captions", help="caption file (.csv/.tsv/.jsonl with filepath, caption): captions are stored")
         add_collection_flags(q)
+        add_precision(q)
 
 
 def add_search(p) -> None:
@@ -45,6 +47,7 @@ def add_search(p) -> None:
     p.add_argument("--sheet", help="also write the hits as a contact-sheet PNG")
     p.add_argument("--checkpoint", help="embed the query with this model (default: the one that built the index)")
     add_max_pixels(p, "--image: an image")
+    add_precision(p)
 
 
 def index_command(args) -> None:
@@ -55,14 +58,14 @@ def index_command(args) -> None:
     collection = Collection.from_source(args.images or args.captions)
     with distributed_run():
         if args.index_command == "build":
-            model = two_tower(load(args.checkpoint), "index build")
+            model = two_tower(load(args.checkpoint, precision=args.precision), "index build")
             if distributed.rank() == 0:
                 _open_or_create(args, model)
             distributed.barrier()  # the other ranks open what rank 0 created
             index = SearchIndex.open(args.out)
         else:
             index = SearchIndex.open(args.index)
-            model = two_tower(load(index.info["model_path"]), "index add")
+            model = two_tower(load(index.info["model_path"], precision=args.precision), "index add")
         stats = index.add_collection(model, collection, args.batch_size, args.workers, args.chunk_size, args.max_pixels)
     if not stats:  # another rank than 0: rank 0 merged the chunks and reports
         return
@@ -91,7 +94,7 @@ def search_command(args) -> None:
     if (args.text is None) == (args.image is None):
         raise UsageError("give a text query or --image, not both and not neither")
     index = SearchIndex.open(args.index)
-    model = two_tower(load(args.checkpoint or index.info["model_path"]), "search")
+    model = two_tower(load(args.checkpoint or index.info["model_path"], precision=args.precision), "search")
     index.check_model(model)
     if args.image:
         query = model.embed_images([open_image(args.image, args.max_pixels, model.preprocess_config.image_size)])

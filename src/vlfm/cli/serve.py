@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from vlfm.cli.common import non_negative_float, positive_int, two_tower
+from vlfm.cli.common import add_precision, non_negative_float, positive_int, two_tower
 from vlfm.io import UsageError
 
 
@@ -13,6 +13,7 @@ def add_serve(p) -> None:
     from vlfm.serve.limits import FLAGS, Limits
 
     p.add_argument("checkpoint", help="the image-text model to serve (embeddings, classify, search queries)")
+    add_precision(p)
     p.add_argument("--index", help="an index built by this model (`vlfm index build`): /v1/search and the Search tab")
     p.add_argument("--vlm", help="an assistant checkpoint: /v1/chat/completions and the Chat tab")
     p.add_argument("--host", default="127.0.0.1", help="the address to bind (default: loopback only)")
@@ -43,7 +44,7 @@ def serve_command(args) -> None:
 
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port} is not a port (0-65535)")
-    model = two_tower(load(args.checkpoint), "serve")
+    model = two_tower(load(args.checkpoint, precision=args.precision), "serve")
     vlm = load(args.vlm) if args.vlm else None
     if vlm is not None and not isinstance(vlm, VisionLanguageModel):
         raise UsageError(f"--vlm needs a vision-language model; {args.vlm} is a {type(vlm).__name__}")

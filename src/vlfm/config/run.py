@@ -10,6 +10,7 @@ from vlfm.config.base import check_choice, check_name, check_ranges
 from vlfm.config.model import ModelConfig
 from vlfm.data.shapes import WorldConfig
 from vlfm.io import MAX_PIXELS, ConfigError
+from vlfm.nn import PRECISIONS
 
 
 @dataclass
@@ -53,7 +54,8 @@ class TrainSettings:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     clip_grad: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 uses a grad scaler; GPU only)
+    # auto: bf16 where it is fast (a GPU, a CPU with AVX512-BF16 or AMX), else fp32 | fp32 | bf16 | fp16 (GPU only)
+    precision: str = "auto"
     eval_every: int = 250
     save_every: int = 250
     log_every: int = 10
@@ -70,7 +72,7 @@ class TrainSettings:
                                         "max_bad_steps": ">= 1"}  # fmt: skip
 
     def __post_init__(self):
-        check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        check_choice("train.precision", self.precision, PRECISIONS)
         self.betas = tuple(self.betas)
         check_ranges(self, "train.", self.RANGES)
 

@@ -20,6 +20,7 @@ from vlfm.data.transforms import Preprocess
 from vlfm.models.base import SavedModel, register
 from vlfm.models.text import TextEmbedding, TextTransformer
 from vlfm.models.vit import VisionTransformer
+from vlfm.nn import autocast
 
 
 @register
@@ -78,7 +79,9 @@ class TwoTowerModel(SavedModel, TextEmbedding, nn.Module):
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             pixels = chunk if isinstance(chunk, torch.Tensor) else self.preprocess(chunk)
-            out.append(F.normalize(self.encode_image(pixels.to(self.device)).float(), dim=-1))
+            with autocast(self.device, self.precision):
+                features = self.encode_image(pixels.to(self.device))
+            out.append(F.normalize(features.float(), dim=-1))
         return torch.cat(out)
 
     @torch.no_grad()

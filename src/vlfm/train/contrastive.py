@@ -28,8 +28,9 @@ from vlfm.eval.world import WorldBenchmark
 from vlfm.io import load_state_strict
 from vlfm.losses import make_loss
 from vlfm.models.two_tower import TwoTowerModel
+from vlfm.nn import autocast
 from vlfm.train.gradcache import gradcache_step
-from vlfm.train.loop import EpochSampler, Task, autocast_context
+from vlfm.train.loop import EpochSampler, Task
 
 log = logging.getLogger("vlfm")
 
@@ -221,7 +222,7 @@ class ContrastiveTask(Task):
 
     def _encode_image(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         pixels = self.preprocess.normalize(batch["images"].to(self.device, non_blocking=True))
-        with autocast_context(self.device, self.config.train.precision):
+        with autocast(self.device, self.config.train.precision):
             return F.normalize(self.model.encode_image(pixels).float(), dim=-1)
 
     def _encode_text(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -229,7 +230,7 @@ class ContrastiveTask(Task):
         if self.text_features is not None:
             return self.text_features[batch["caption"].to(self.device)]
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        with autocast_context(self.device, self.config.train.precision):
+        with autocast(self.device, self.config.train.precision):
             return F.normalize(self.model.encode_text(ids, mask).float(), dim=-1)
 
     def _keys(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from vlfm.checkpoint import (
 )
 from vlfm.config import DistributedConfig, TrainConfig
 from vlfm.io import ConfigError, DivergedError, atomic_file, load_state_strict, load_weights, non_finite
+from vlfm.nn import autocast, resolve_precision
 
 log = logging.getLogger("vlfm")
 
@@ -67,7 +67,7 @@ class Task:
         info: dict[str, float] = {}
         for micro in range(config.grad_accum):
             batch = self.batch(step, micro)
-            with autocast_context(device, config.precision):
+            with autocast(device, config.precision):
                 loss, info = self.loss(batch)
             loss = loss / config.grad_accum
             (scaler.scale(loss) if scaler else loss).backward()
@@ -115,10 +115,14 @@ class EpochSampler:
 
 
 def pick_device(config: TrainConfig) -> torch.device:
-    """The training device, checked against the precision before any data is built."""
+    """The training device, checked against the precision before any data is built; `train.precision: auto`
+    becomes the precision it stands for here (bf16 where it is fast: nn.fast_bf16), so config.yaml records it."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={config.device} but no CUDA device is available (install a CUDA build of torch)")
+    if config.precision == "auto":
+        config.precision = resolve_precision("auto", device)
+        log.info("train.precision=auto: %s on %s", config.precision, device.type)
     if config.precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision=fp16 needs a GPU (its grad scaler is CUDA-only here); use bf16 or fp32")
     return device
@@ -148,13 +152,6 @@ def lr_factor(step: int, config: TrainConfig) -> float:
         return (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def autocast_context(device: torch.device, precision: str):
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def train(task: Task, config: TrainConfig, run_dir: Path, resume: bool = False, stop_after: int | None = None,
