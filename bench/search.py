@@ -18,14 +18,14 @@ FAISS IndexFlatIP (exact; its vectors are the ones numpy reads and every refine 
 three IVFs sharing one k-means of `--nlist` lists (nprobe sweep): IndexIVFFlat (exact distances in the probed
 lists), IndexIVFScalarQuantizer (8 bits a dimension) and IndexIVFPQ, each of the last two by its codes' distances
 alone and re-ranked by IndexRefine (k_factor x k candidates); with `--hnsw` (or `--quick`) IndexHNSWFlat
-(efSearch sweep), left out by default since at 1M x 512 it takes about 12 minutes to build on 2 cores (64 s at
-100k). FAISS and numpy's BLAS get `--threads` threads (numpy's OpenBLAS keeps its own pool, limited through
-threadpoolctl when it is installed); np.argpartition itself runs on one thread. The last lines name, per family,
-the fastest configuration reaching recall@k >= `--target`, whether it is `--goal` times faster than numpy, and
-the peak RSS and total time. The numbers are printed only: a speed is never a test assertion.
+(efSearch sweep), left out by default: 64 s to build at 100k x 512 on 2 cores, so some 12 minutes at 1M (an
+estimate, not measured). FAISS and numpy's BLAS get `--threads` threads (numpy's OpenBLAS keeps its own pool,
+limited through threadpoolctl when it is installed); np.argpartition itself runs on one thread. The last lines
+name, per family, the fastest configuration reaching recall@k >= `--target`, whether it is `--goal` times faster
+than numpy, and the peak RSS and total time. The numbers are printed only: a speed is never a test assertion.
 
-    .venv/bin/python bench/search.py            # 1M x 512, 1000 queries, k=10: about N minutes on 2 cores
-    .venv/bin/python bench/search.py --quick    # 100k x 512 with HNSW: about 2 minutes
+    .venv/bin/python bench/search.py            # 1M x 512, 1000 queries, k=10: 8.5 minutes, 10 GB on 2 cores
+    .venv/bin/python bench/search.py --quick    # 100k x 512 with HNSW: about 2 minutes, 2 GB
 """
 
 from __future__ import annotations
