@@ -25,7 +25,7 @@ name, per family, the fastest configuration reaching recall@k >= `--target`, whe
 than numpy, and the peak RSS and total time. The numbers are printed only: a speed is never a test assertion.
 
     .venv/bin/python bench/search.py            # 1M x 512, 1000 queries, k=10: 8.5 minutes, 10 GB on 2 cores
-    .venv/bin/python bench/search.py --quick    # 100k x 512 with HNSW: about 2 minutes, 2 GB
+    .venv/bin/python bench/search.py --quick    # 100k x 512 with HNSW: 2-4 minutes, 2 GB
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def test_interrupted_build_resumes_without_loss_or_duplicates(trained_run, scene
     assert again.index.ntotal == 300 and len({h.path for h in again.search(model.embed_texts(["x"]).numpy(), k=300)[0]}) == 300
 
 
-@pytest.mark.parametrize("kind,options", [("hnsw", {"hnsw_m": 8}), ("ivfpq", {"nlist": 4, "pq_m": 8})])
+@pytest.mark.parametrize("kind,options", [("hnsw", {"hnsw_m": 8}), ("ivf", {"nlist": 4}), ("ivfpq", {"nlist": 4, "pq_m": 8})])
 def test_approximate_kinds_find_the_exact_top_hit(trained_run, scenes, tmp_path, kind, options):
     model = vlfm.load(trained_run)
     items = [(p, c) for p, c in ((scenes / f"{i:04d}.png", f"scene {i}") for i in range(300))]
