@@ -62,7 +62,7 @@ def test_interrupted_build_resumes_without_loss_or_duplicates(trained_run, scene
     assert again.index.ntotal == 300 and len({h.path for h in again.search(model.embed_texts(["x"]).numpy(), k=300)[0]}) == 300
 
 
-@pytest.mark.parametrize("kind,options", [("hnsw", {"hnsw_m": 8}), ("ivfpq", {"nlist": 4, "pq_m": 8})])
+@pytest.mark.parametrize("kind,options", [("hnsw", {"hnsw_m": 8}), ("ivf", {"nlist": 4}), ("ivfpq", {"nlist": 4, "pq_m": 8})])
 def test_approximate_kinds_find_the_exact_top_hit(trained_run, scenes, tmp_path, kind, options):
     model = vlfm.load(trained_run)
     items = [(p, c) for p, c in ((scenes / f"{i:04d}.png", f"scene {i}") for i in range(300))]
@@ -72,6 +72,29 @@ def test_approximate_kinds_find_the_exact_top_hit(trained_run, scenes, tmp_path,
     for i in (3, 150, 299):
         hit = index.search(model.embed_images([Image.open(scenes / f"{i:04d}.png")]).numpy(), k=1)[0][0]
         assert hit.caption == f"scene {i}" and hit.score == pytest.approx(1.0, abs=0.05)
+
+
+def test_ivf_index_matches_exact_search_and_reopens(trained_run, tmp_path):
+    """kind ivf (IVF-Flat) on clustered unit vectors, reopened from disk: its top 10 are the flat index's."""
+    model = vlfm.load(trained_run)
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((8, int(model.config.embed_dim)))
+    vectors = centres[rng.integers(0, 8, 2000)] + 0.5 * rng.standard_normal((2000, centres.shape[1]))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    queries = vectors[:20] + 0.1 * rng.standard_normal(vectors[:20].shape).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    for kind in ("flat", "ivf"):
+        index = SearchIndex.create(tmp_path / kind, model, str(trained_run), kind, nlist=16)
+        index._add(vectors, [(f"v{i}.png", f"item {i}") for i in range(len(vectors))])  # as add_collection does
+        index._flush_staged()
+    flat, ivf = SearchIndex.open(tmp_path / "flat"), SearchIndex.open(tmp_path / "ivf")
+    assert len(ivf) == ivf.index.ntotal == 2000 and ivf.info["kind"] == "ivf"
+    exact = flat.search(queries, k=10)
+    found = ivf.search(queries, k=10)  # the default: 8 of the 16 lists
+    assert np.mean([len({h.id for h in a} & {h.id for h in b}) / 10 for a, b in zip(exact, found)]) >= 0.95
+    every = ivf.search(queries, k=10, nprobe=16)  # all lists: exact search
+    assert [[h.id for h in hits] for hits in every] == [[h.id for h in hits] for hits in exact]
+    assert [h.score for hits in every for h in hits] == pytest.approx([h.score for hits in exact for h in hits], abs=1e-5)
 
 
 def test_captions_are_stored_and_index_add_appends(trained_run, scenes, tmp_path, capsys):

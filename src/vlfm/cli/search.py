@@ -23,10 +23,11 @@ def add_index(p) -> None:
     b = isub.add_parser("build", help="embed images into a new index; re-running resumes where it stopped")
     b.add_argument("checkpoint", help="the model whose image embeddings are indexed")
     b.add_argument("--out", required=True, help="index directory (index.faiss + meta.sqlite)")
-    b.add_argument("--kind", choices=("flat", "hnsw", "ivfpq"), default="flat",
-                   help="flat: exact inner product (default); hnsw: graph; ivfpq: compressed, for millions")
+    b.add_argument("--kind", choices=("flat", "hnsw", "ivf", "ivfpq"), default="flat",
+                   help="flat: exact inner product (default); hnsw: graph; ivf: inverted lists, exact distances, "
+                        "for millions (--nlist 2048 at 1M); ivfpq: compressed")
     b.add_argument("--hnsw-m", type=positive_int, default=32, help="hnsw: neighbours per node")
-    b.add_argument("--nlist", type=positive_int, default=1024, help="ivfpq: inverted lists (needs >= 39 x nlist images)")
+    b.add_argument("--nlist", type=positive_int, default=1024, help="ivf, ivfpq: inverted lists (needs >= 39 x nlist images)")
     b.add_argument("--pq-m", type=positive_int, default=16, help="ivfpq: sub-quantizers (must divide the embedding size)")
     a = isub.add_parser("add", help="append images to an index without a rebuild (paths already in it are skipped)")
     a.add_argument("index")
