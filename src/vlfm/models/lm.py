@@ -254,8 +254,10 @@ class LanguageModel(SavedModel, nn.Module):
         padded = not bool(mask.all())
         positions = self._positions(mask, b, 0, n, prompt.device)
         cache = KVCache(capacity=n + max_new_tokens)  # every step writes into buffers allocated once
+        last = torch.zeros(b, n, dtype=torch.bool, device=prompt.device)
+        last[:, -1] = True  # the output head on the prompt's last position only, not on all n
         logits = self(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=mask, cache=cache,
-                      position_ids=positions)[:, -1]  # fmt: skip
+                      position_ids=positions, logits_at=last)  # fmt: skip
         position = positions[:, -1:]
         out: list[list[int]] = [[] for _ in range(b)]
         running = [True] * b
