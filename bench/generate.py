@@ -9,9 +9,11 @@ token ids of the two are compared (a mismatch is printed loudly: the comparison 
 
 Timing: each round times, for each library, a 1-token generate (the prefill: vision tower, projector and the
 prompt through the LM, plus one argmax) and an N-token one; the order of the libraries flips every round so
-load from other processes hits both alike; medians are printed. tokens/s = N / time of the N-token generate
-(prefill included); decode ms/token = (t_N - t_1) / (N - 1). fp32, eval mode, torch.inference_mode for both.
-The numbers are printed only: a speed is never a test assertion.
+load from other processes hits both alike; medians are printed. tokens/s = batch x N / time of the
+N-token generate (prefill included); decode ms/token = (t_N - t_1) / (N - 1), per step of the batch. "matmuls
+alone" times one step's matrix products by themselves (each LM Linear and the head on the batch's rows): at
+batch 1 on a CPU that is most of a step (reading the weights from memory), which neither library can go under.
+fp32, eval mode, torch.inference_mode for both. The numbers are printed only: a speed is never a test assertion.
 
     .venv/bin/python bench/generate.py                        # batch 1, 64 new tokens, 1 thread
     .venv/bin/python bench/generate.py --batch 1 8 --rounds 7
@@ -26,6 +28,7 @@ import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 import transformers
 
 import vlfm
@@ -75,6 +78,21 @@ def runners(ours, theirs, ids, pixels):
     return {"vlfm": run_vlfm, "transformers": run_transformers}
 
 
+def matmul_floor(lm, batch: int):
+    """One decoding step's matrix products alone (every Linear of the LM and the output head, on `batch` rows):
+    reading the weights once per token is the floor under any library's decode ms/token."""
+    weights = [m.weight for m in lm.modules() if isinstance(m, torch.nn.Linear)]
+    weights += [lm.output_weight] if lm.lm_head is None else []
+    inputs = {w.shape[1]: torch.randn(batch, 1, w.shape[1]) for w in weights}
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            for w in weights:
+                F.linear(inputs[w.shape[1]], w)
+
+    return run
+
+
 def timed(run, n: int) -> float:
     start = time.perf_counter()
     run(n)
@@ -84,6 +102,7 @@ def timed(run, n: int) -> float:
 def bench(ours, theirs, batch: int, args) -> None:
     ids, pixels = prompt(batch, args.text)
     runs = runners(ours, theirs, ids, pixels)
+    floor = matmul_floor(ours.lm, batch)
     with torch.inference_mode():
         tokens = {name: run(args.new_tokens) for name, run in runs.items()}  # also the warm-up
         for run in runs.values():
@@ -93,15 +112,18 @@ def bench(ours, theirs, batch: int, args) -> None:
             for name in list(runs) if r % 2 == 0 else list(reversed(runs)):
                 for n in (1, args.new_tokens):
                     times[name][n].append(timed(runs[name], n))
+            times.setdefault("floor", []).append(timed(floor, 8) / 8)
     n = args.new_tokens
     print(f"\nbatch {batch}: prompt {ids.shape[1]} tokens ({(IMAGE // PATCH) ** 2} image), {n} new tokens, "
           f"{args.rounds} rounds (medians)")  # fmt: skip
     print(f"{'':13} {'tokens/s':>9} {'prefill ms':>11} {'decode ms/token':>16} {'total ms':>9}")
     rate = {}
+    floor = statistics.median(times.pop("floor"))
     for name, t in times.items():
         total, prefill = statistics.median(t[n]), statistics.median(t[1])
         rate[name] = batch * n / total
         print(f"{name:13} {rate[name]:>9.1f} {prefill * 1e3:>11.1f} {(total - prefill) / (n - 1) * 1e3:>16.2f} {total * 1e3:>9.1f}")
+    print(f"{'matmuls alone':13} {'':>9} {'':>11} {floor * 1e3:>16.2f}   (the LM's weights read once per step)")
     same = tokens["vlfm"] == tokens["transformers"]
     if same:
         print(f"token ids: identical ({batch} x {n})")
