@@ -230,7 +230,7 @@ class LanguageModel(SavedModel, nn.Module):
             self.lm_head = _resized(self.lm_head, n, lambda w: nn.Linear(w.shape[1], n, bias=False))
         self.config.vocab_size = n
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all: ~8% faster decoding than no_grad (docs/experiments.md §11)
     def generate(self, input_ids=None, attention_mask=None, inputs_embeds=None, max_new_tokens: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, stop_tokens=None,
                  generator: torch.Generator | None = None, on_step=None) -> list[list[int]]:
