@@ -13,7 +13,8 @@ load from other processes hits both alike; medians are printed. tokens/s = batch
 N-token generate (prefill included); decode ms/token = (t_N - t_1) / (N - 1), per step of the batch. "matmuls
 alone" times one step's matrix products by themselves (each LM Linear and the head on the batch's rows): at
 batch 1 on a CPU that is most of a step (reading the weights from memory), which neither library can go under.
-fp32, eval mode, torch.inference_mode for both. The numbers are printed only: a speed is never a test assertion.
+fp32, eval mode, 1 thread unless --threads; each generate as a user calls it (transformers' runs under no_grad,
+vlfm's under inference_mode). The numbers are printed only: a speed is never a test assertion.
 
     .venv/bin/python bench/generate.py                        # batch 1, 64 new tokens, 1 thread
     .venv/bin/python bench/generate.py --batch 1 8 --rounds 7
@@ -103,15 +104,15 @@ def bench(ours, theirs, batch: int, args) -> None:
     ids, pixels = prompt(batch, args.text)
     runs = runners(ours, theirs, ids, pixels)
     floor = matmul_floor(ours.lm, batch)
-    with torch.inference_mode():
-        tokens = {name: run(args.new_tokens) for name, run in runs.items()}  # also the warm-up
-        for run in runs.values():
-            run(1)
-        times = {name: {1: [], args.new_tokens: []} for name in runs}
-        for r in range(args.rounds):
-            for name in list(runs) if r % 2 == 0 else list(reversed(runs)):
-                for n in (1, args.new_tokens):
-                    times[name][n].append(timed(runs[name], n))
+    tokens = {name: run(args.new_tokens) for name, run in runs.items()}  # also the warm-up
+    for run in runs.values():
+        run(1)
+    times = {name: {1: [], args.new_tokens: []} for name in runs}
+    for r in range(args.rounds):
+        for name in list(runs) if r % 2 == 0 else list(reversed(runs)):
+            for n in (1, args.new_tokens):
+                times[name][n].append(timed(runs[name], n))
+        with torch.inference_mode():
             times.setdefault("floor", []).append(timed(floor, 8) / 8)
     n = args.new_tokens
     print(f"\nbatch {batch}: prompt {ids.shape[1]} tokens ({(IMAGE // PATCH) ** 2} image), {n} new tokens, "
