@@ -128,6 +128,15 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(pair):
     assert batch == alone
 
 
+def test_kv_heads_shared_without_grad_give_the_numbers_of_repeated_ones(pair):
+    """Without grad SDPA serves each kv head to its query group; with grad k and v are repeated (for backward)."""
+    _, ours, _ = pair
+    ids, mask = left_padded([6, 3], seed=8)
+    with torch.no_grad():
+        shared = ours(input_ids=ids, attention_mask=mask)
+    assert torch.equal(shared, ours(input_ids=ids, attention_mask=mask).detach())
+
+
 def test_embedding_prefill_equals_token_prefill(pair):
     _, ours, _ = pair
     ids, mask = left_padded([5, 7], seed=5)

@@ -84,14 +84,15 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
-def attention(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+def attention(q, k, v, mask: torch.Tensor | None, causal: bool, gqa: bool = False) -> torch.Tensor:
     """Scaled dot-product attention; when training under CPU autocast in fp32, whose backward is much faster there
-    than bf16's (docs/experiments.md §11)."""
+    than bf16's (docs/experiments.md §11). `gqa`: k, v have fewer heads than q, each serving a group of query heads."""
     if q.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal)
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, is_causal=causal,
+                                                 enable_gqa=gqa)  # fmt: skip
         return out.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
 
 
 class MLP(nn.Module):

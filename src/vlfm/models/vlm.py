@@ -106,7 +106,7 @@ class VisionLanguageModel(SavedModel, nn.Module):
         inputs_embeds = self.embed(input_ids, pixels, features)
         return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, logits_at=logits_at)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixels: torch.Tensor | None = None,
                  **generation) -> list[list[int]]:  # fmt: skip
         """New token ids per row (left-padded prompts); `generation`: LanguageModel.generate's options."""
@@ -148,7 +148,7 @@ class VisionLanguageModel(SavedModel, nn.Module):
             conversation[-1] = ("user", f"{self.config.image_token}\n{question}")
         return self.prompt_ids(conversation, images=1)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def chat(self, image, question, history: Conversation | list[Conversation] | None = None,
              max_new_tokens: int = 64, **generation) -> str | list[str]:  # fmt: skip
         """Answer `question` about `image` (a PIL image or a path); lists of both answer a batch. `history`:
