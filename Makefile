@@ -9,7 +9,7 @@ TOWER_STEPS ?= 1800
 # the assistant's tower keeps the grey colour-free scenes its stages were tuned on (docs/experiments.md, 10.1)
 TOWER_WORLD := -o data.world.colour_free_fraction=0.3 -o data.world.colour_free_style=grey
 
-.PHONY: setup browser demo demo-siglip demo-vlm test test-slow test-all bench bench-inference bench-vlm bench-serve parity-open-clip lint clean
+.PHONY: setup browser demo demo-siglip demo-vlm test test-slow test-all bench bench-train bench-search bench-inference bench-vlm bench-serve parity-open-clip lint clean
 
 setup: $(VENV)/.installed
 
@@ -64,8 +64,20 @@ $(BENCH_VENV)/.installed: pyproject.toml
 	$(BENCH_VENV)/bin/pip install -q $(BENCH_TORCH) -e .
 	touch $@
 
-bench: $(BENCH_VENV)/.installed  ## vlfm vs open_clip training samples/s (flags: BENCH_ARGS="--steps 5")
+# The CPU comparisons against peers, one after another (about 10 minutes on 2 cores): training steps (tiny and
+# ViT-B/32 dimensions) against open_clip, encoding against open_clip and transformers, generation against
+# transformers' LLaVA. The search bench (1M x 512, ~10 GB, ~9 minutes) is `make bench-search`.
+bench: $(BENCH_VENV)/.installed  ## vlfm vs open_clip / transformers: training, encoding, generation (CPU)
+	$(BENCH_VENV)/bin/python bench/train_step.py --steps 5 --rounds 3
+	$(BENCH_VENV)/bin/python bench/train_step.py --size b32 --steps 1 --rounds 3 --warmup 1
+	$(BENCH_VENV)/bin/python bench/inference.py --rounds 3
+	$(BENCH_VENV)/bin/python bench/generate.py --rounds 3
+
+bench-train: $(BENCH_VENV)/.installed  ## training samples/s against open_clip (flags: BENCH_ARGS="--size b32 --steps 2")
 	$(BENCH_VENV)/bin/python bench/train_step.py $(BENCH_ARGS)
+
+bench-search: setup  ## nearest-neighbour search, 1M x 512: IVF / HNSW / IVF-PQ against numpy brute force
+	$(BIN)/python bench/search.py $(BENCH_ARGS)
 
 bench-inference: $(BENCH_VENV)/.installed  ## encode_image / encode_text per s: vlfm's embedding path vs open_clip and transformers
 	$(BENCH_VENV)/bin/python bench/inference.py $(BENCH_ARGS)
