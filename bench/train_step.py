@@ -24,7 +24,7 @@ import torch
 from vlfm.config import ModelConfig, TextConfig, VisionConfig
 from vlfm.losses import clip_loss
 from vlfm.models.two_tower import TwoTowerModel
-from vlfm.nn import autocast, resolve_precision
+from vlfm.nn import autocast, compile_blocks, resolve_precision
 
 EOS = 2
 SIZES = {  # --size: the tiny config, and ViT-B/32's dimensions (224 px, text 77 x 512, 12 + 12 layers)
@@ -111,6 +111,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0: every core this process may use")
     parser.add_argument("--no-pad", action="store_true", help="full-length captions: no padding mask for vlfm")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="vlfm's train.precision")
+    parser.add_argument("--compile", action="store_true", help="vlfm with train.compile (its blocks compiled in warm-up)")
     args = parser.parse_args()
 
     D.update(SIZES[args.size])
@@ -119,6 +120,8 @@ def main() -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     vlfm_model = build_vlfm()
+    if args.compile:
+        compile_blocks(vlfm_model)
     torch.manual_seed(0)
     with warnings.catch_warnings(record=True) as caught:  # show, once, anything open_clip warns about
         warnings.simplefilter("always")
@@ -155,7 +158,7 @@ def main() -> None:
               (("vlfm", vlfm_model), ("open_clip", oc_model), ("open_clip bf16", oc_bf16))}
 
     print(f"torch {torch.__version__}, {threads} threads, {args.size}, batch {args.batch_size}, vlfm {precision} "
-          f"(--precision {args.precision}), AdamW, "
+          f"(--precision {args.precision}{', compiled blocks' if args.compile else ''}), AdamW, "
           f"{args.rounds} rounds x {args.steps} steps, {'full-length captions' if args.no_pad else 'padded captions'}")
     losses = {}
     for name, step in steps.items():  # untimed: first calls allocate buffers and optimizer state

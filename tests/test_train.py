@@ -184,3 +184,20 @@ def test_resume_skips_a_damaged_checkpoint_and_goes_on_from_the_newest_intact_on
     assert f"resumed from {config.run_dir / 'checkpoints' / 'step_00000003'}" in caplog.text
     steps = [json.loads(line)["step"] for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6, 8, 9]  # the rows after step 3 were dropped and logged again
+
+
+def test_compiled_blocks_train_like_eager_ones(tmp_path, caplog):
+    """train.compile: every transformer block compiled in place; the losses and weights are those of the eager run
+    (fp32, within the reordering of fused kernels) and the checkpoint keeps the weights' names."""
+    quick = ["train.steps=3", "train.save_every=0", "data.eval_size=0", "data.classify_size=0", "train.precision=fp32"]
+    eager, compiled = tiny_config(tmp_path, *quick, name="eager"), tiny_config(tmp_path, *quick, "train.compile=true",
+                                                                              name="compiled")
+    with caplog.at_level("INFO", logger="vlfm"):
+        for config in (eager, compiled):
+            run(config)
+    assert "train.compile: 4 transformer blocks compiled" in caplog.text  # 2 image + 2 text blocks
+    losses = [[json.loads(line)["loss"] for line in (c.run_dir / "metrics.jsonl").read_text().splitlines()
+               if "loss" in json.loads(line)] for c in (eager, compiled)]
+    assert len(losses[0]) == 2 and losses[1] == pytest.approx(losses[0], abs=1e-4)  # logged at steps 2 and 3
+    want, got = (load_file(str(c.run_dir / "model" / "model.safetensors")) for c in (eager, compiled))
+    assert got.keys() == want.keys() and max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-4

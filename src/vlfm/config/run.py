@@ -63,6 +63,7 @@ class TrainSettings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads; 0 = torch's default
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, slower
+    compile: bool = False  # torch.compile each transformer block: faster steps after a compile of a minute or more
     # a step whose loss or gradient norm is not finite is skipped; this many in a row stop the run (exit 3)
     max_bad_steps: int = 3
 

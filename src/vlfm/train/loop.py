@@ -35,7 +35,7 @@ from vlfm.checkpoint import (
 )
 from vlfm.config import DistributedConfig, TrainConfig
 from vlfm.io import ConfigError, DivergedError, atomic_file, load_state_strict, load_weights, non_finite
-from vlfm.nn import autocast, resolve_precision
+from vlfm.nn import autocast, compile_blocks, resolve_precision
 
 log = logging.getLogger("vlfm")
 
@@ -202,6 +202,9 @@ class _Run:
             log.info("no checkpoint in %s: starting from scratch", self.run_dir)
         if checkpoint is not None and self.strategy == "fsdp":  # full weights go in before sharding; the optimizer after
             load_state_strict(task.model, load_weights(checkpoint / "model.safetensors"), str(checkpoint))
+        if config.compile:
+            log.info("train.compile: %d transformer blocks compiled (the first steps compile them)",
+                     compile_blocks(task.model))
         task.train_model = distributed.wrap_model(task.model, self.strategy, config.precision)
         groups = parameter_groups(task.model, config, task.lr_mults)
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
