@@ -6,8 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 RUN_NAME := demo-$(shell date +%Y%m%d-%H%M%S)
 TOWER_STEPS ?= 1800
-# the assistant's tower keeps the grey colour-free scenes its stages were tuned on (docs/experiments.md, 10.1)
-TOWER_WORLD := -o data.world.colour_free_fraction=0.3 -o data.world.colour_free_style=grey
+# the assistant's tower keeps the grey colour-free scenes its stages were tuned on (docs/experiments.md, 10.1), and
+# fp32 like the stages (why: 11.1)
+TOWER_WORLD := -o data.world.colour_free_fraction=0.3 -o data.world.colour_free_style=grey -o train.precision=fp32
 
 .PHONY: setup browser demo demo-siglip demo-vlm test test-slow test-all bench bench-train bench-search bench-inference bench-vlm bench-serve parity-open-clip lint clean
 

@@ -92,7 +92,7 @@ def check_assistant(tmp_path, capsys):
     stage 2's relation window earlier; evaluated on 200 unseen scenes a set (the preset: 300)."""
     # the Makefile's tower: grey colour-free scenes, not the preset's off-palette ones (docs/experiments.md §10)
     tower = load_config("configs/shapes-lit.yaml", [f"output_dir={tmp_path}", "name=tower", "train.steps=1200",
-                                                     "train.eval_every=0", "train.save_every=0", "train.threads=1",
+                                                     "train.eval_every=0", "train.save_every=0", "train.threads=1", "train.precision=fp32",
                                                      "data.world.colour_free_fraction=0.3", "data.world.colour_free_style=grey"])  # fmt: skip
     run(tower)
     config = load_config("configs/shapes-vlm.yaml", [f"output_dir={tmp_path}", "name=vlm", "train.threads=1",
