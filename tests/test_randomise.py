@@ -27,6 +27,17 @@ def test_same_scenes_and_captions_only_the_drawing_varies():
         assert a == b and np.array_equal(np.asarray(PLAIN.render(a)), np.asarray(RANDOM.render(b)))
 
 
+def test_randomise_fraction_draws_that_share_randomised_and_the_rest_plain():
+    config = replace(RANDOM.config, randomise_fraction=0.25)
+    part = ShapesWorld(config)
+    scenes = [(PLAIN.scene("train", i), part.scene("train", i)) for i in range(400)]
+    assert all(p == replace(s, randomised=0.0) for p, s in scenes)  # the same scenes either way
+    share = np.mean([s.randomised == 0.8 for _, s in scenes])
+    assert 0.18 < share < 0.32
+    with pytest.raises(ValueError, match="randomise_fraction"):
+        replace(config, randomise_fraction=0.0)
+
+
 def test_backgrounds_vary_in_colour_and_brightness():
     plain, randomised = corners(PLAIN), corners(RANDOM)
     saturation = lambda c: c.max(1) - c.min(1)  # noqa: E731

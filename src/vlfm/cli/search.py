@@ -16,6 +16,7 @@ from vlfm.cli.common import (
     two_tower,
 )
 from vlfm.io import UsageError, open_image
+from vlfm.search.index import KINDS
 
 
 def add_index(p) -> None:
@@ -23,7 +24,7 @@ def add_index(p) -> None:
     b = isub.add_parser("build", help="embed images into a new index; re-running resumes where it stopped")
     b.add_argument("checkpoint", help="the model whose image embeddings are indexed")
     b.add_argument("--out", required=True, help="index directory (index.faiss + meta.sqlite)")
-    b.add_argument("--kind", choices=("flat", "hnsw", "ivf", "ivfpq"), default="flat",
+    b.add_argument("--kind", choices=KINDS, default="flat",
                    help="flat: exact inner product (default); hnsw: graph; ivf: inverted lists, exact distances, "
                         "for millions (--nlist 2048 at 1M); ivfpq: compressed")
     b.add_argument("--hnsw-m", type=positive_int, default=32, help="hnsw: neighbours per node")

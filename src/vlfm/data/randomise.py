@@ -3,8 +3,8 @@
 What a scene shows (its objects' colours, shapes, relative sizes and places) and so its captions stay exactly as
 data/shapes.py makes them; what should not matter varies: the background (plain, gradient, stripes, checks or
 blotches, in any colour and brightness that keeps the objects visible), a per-scene scale from small to filling
-the free space, each object's aspect ratio and rotation, filled or outlined drawing and the stroke width, a
-colour shade within its name, anti-aliased or hard edges, the size drawn at before resizing, brightness and
+the free space, each object's aspect ratio, proportions (a star's points, a cross's arms) and rotation, filled,
+outlined or bordered drawing and the stroke width, a drop shadow, a colour shade within its name, anti-aliased or hard edges, the size drawn at before resizing, brightness and
 contrast, noise, blur and JPEG artefacts. `strength` (0..1) is how often and how far each factor departs from
 the plain world. A pure function of the scene, like the plain render.
 """
@@ -19,18 +19,29 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from vlfm.io import read_image
 
-# Unit outlines (x right, y down, extent 2: from -1 to 1), drawn as polygons so every shape can rotate.
+# Unit outlines (x right, y down, extent 2: from -1 to 1), drawn as polygons so every shape can rotate. A star's
+# inner radius and a cross's arm width are the shape's proportions: the plain world's are STAR_INNER and ARM.
 _T = np.linspace(0, 2 * np.pi, 48, endpoint=False)
-_STAR = -np.pi / 2 + np.arange(10) * np.pi / 5
-_ARM = 0.34
-OUTLINES: dict[str, np.ndarray] = {
-    "circle": np.stack([np.cos(_T), np.sin(_T)], 1),
-    "square": np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)], dtype=float),
-    "triangle": np.array([(0, -1), (1, 1), (-1, 1)], dtype=float),
-    "star": np.stack([np.cos(_STAR), np.sin(_STAR) + 0.1], 1) * np.where(np.arange(10) % 2 == 0, 1.0, 0.5)[:, None],
-    "cross": np.array([(-_ARM, -1), (_ARM, -1), (_ARM, -_ARM), (1, -_ARM), (1, _ARM), (_ARM, _ARM), (_ARM, 1),
-                       (-_ARM, 1), (-_ARM, _ARM), (-1, _ARM), (-1, -_ARM), (-_ARM, -_ARM)], dtype=float),
-}  # fmt: skip
+STAR_INNER, ARM = 0.5, 0.34
+
+
+def outline(shape: str, star_inner: float = STAR_INNER, arm: float = ARM) -> np.ndarray:
+    if shape == "circle":
+        return np.stack([np.cos(_T), np.sin(_T)], 1)
+    if shape == "square":
+        return np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)], dtype=float)
+    if shape == "triangle":
+        return np.array([(0, -1), (1, 1), (-1, 1)], dtype=float)
+    if shape == "star":
+        t = -np.pi / 2 + np.arange(10) * np.pi / 5
+        return np.stack([np.cos(t), np.sin(t) + 0.1], 1) * np.where(np.arange(10) % 2 == 0, 1.0, star_inner)[:, None]
+    if shape == "cross":
+        a = arm
+        return np.array([(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a),
+                         (-1, -a), (-a, -a)], dtype=float)  # fmt: skip
+    raise ValueError(f"unknown shape {shape!r}")
+
+
 _CONTRAST = 90.0  # least RGB distance between the background and an object's colour
 
 
@@ -75,8 +86,8 @@ def _background(rng: np.random.Generator, s: int, avoid: list[np.ndarray]) -> np
     return a * (1 - w[..., None]) + b * w[..., None]
 
 
-def _polygon(shape: str, cx: float, cy: float, rx: float, ry: float, angle: float) -> list[tuple[float, float]]:
-    pts = OUTLINES[shape] * (rx, ry)
+def _polygon(unit: np.ndarray, cx: float, cy: float, rx: float, ry: float, angle: float) -> list[tuple[float, float]]:
+    pts = unit * (rx, ry)
     cos, sin = np.cos(angle), np.sin(angle)
     pts = pts @ np.array([[cos, sin], [-sin, cos]])
     return [(float(x + cx), float(y + cy)) for x, y in pts]
@@ -113,16 +124,26 @@ def render_randomised(scene, image_size: int, strength: float, extents: dict[str
     canvas = Image.fromarray(np.clip(back, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     zoom = float(np.exp(rng.uniform(np.log(0.6), np.log(max(0.6, min(scale_room, 2.5)))))) if rng.random() < p else 1.0
-    outline = rng.random() < p / 3
+    hollow = rng.random() < p / 3  # drawn as an outline only
+    border = not hollow and rng.random() < p / 2  # filled, with a dark (light on a dark background) border
+    ink = rng.uniform(0, 50, size=3) if back.mean() > 110 else rng.uniform(205, 255, size=3)
+    shadow = rng.random() < p / 3  # a darker copy of the shape, offset down and to the right
     for obj, colour in zip(objects, colours):
         lo, hi = extents[obj.size]
         extent = rng.uniform(lo, hi) * s * zoom
         rx, ry = extent / 2 * rng.uniform(1 - 0.35 * p, 1.0, size=2)
         angle = rng.uniform(-np.pi, np.pi) if rng.random() < p / 2 else 0.0
+        unit = outline(obj.shape, *(rng.uniform([0.35, 0.2], [0.6, 0.45]) if rng.random() < p else (STAR_INNER, ARM)))
         fill = tuple(int(v) for v in colour)
-        pts = _polygon(obj.shape, obj.x * s, obj.y * s, rx, ry, angle)
-        if outline:
+        pts = _polygon(unit, obj.x * s, obj.y * s, rx, ry, angle)
+        if shadow:
+            dark = tuple(int(v) for v in back.mean((0, 1)) * 0.6)
+            draw.polygon([(x + 0.07 * rx, y + 0.09 * ry) for x, y in pts], fill=dark)
+        if hollow:
             draw.polygon(pts, outline=fill, width=max(1, int(rng.uniform(0.06, 0.2) * extent)))
+        elif border:
+            draw.polygon(pts, fill=fill, outline=tuple(int(v) for v in ink),
+                         width=max(1, int(rng.uniform(0.03, 0.1) * extent)))
         else:
             draw.polygon(pts, fill=fill)
     image = canvas.resize((size, size), Image.BOX) if ss > 1 else canvas

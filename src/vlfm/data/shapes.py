@@ -83,6 +83,8 @@ class WorldConfig:
     # (background, scale, rotation, outline, edges, resizing, noise, blur, JPEG) varies in training scenes; 0 draws
     # the plain world. Evaluation scenes stay plain: the in-domain benchmark.
     randomise: float = 0.0
+    # Fraction of training scenes drawn randomised (the rest plain) when `randomise` > 0.
+    randomise_fraction: float = 1.0
 
     # keys of earlier versions (config.yaml of older runs) -> their names now
     RENAMED: ClassVar[dict[str, str]] = {"grey_fraction": "colour_free_fraction", "grey_colours": "colour_free_style"}
@@ -122,6 +124,8 @@ class WorldConfig:
             raise ValueError(f"world.glyph_fraction={self.glyph_fraction} must be in [0, 1)")
         if not 0.0 <= self.randomise <= 1.0:
             raise ValueError(f"world.randomise={self.randomise} must be in [0, 1]")
+        if not 0.0 < self.randomise_fraction <= 1.0:
+            raise ValueError(f"world.randomise_fraction={self.randomise_fraction} must be in (0, 1]")
         if self.seed < 0:
             raise ValueError(f"world.seed={self.seed} must be >= 0")
 
@@ -174,7 +178,7 @@ class ShapesWorld:
         scene = self._make_scene(rng, labels, min(n, len(labels)))
         if split == "train" and self.config.colour_free_fraction and rng.random() < self.config.colour_free_fraction:
             scene = replace(scene, grey=True, off_palette=self.config.colour_free_style == "off_palette")
-        if split == "train" and self.config.randomise:
+        if split == "train" and self.config.randomise and rng.random() < self.config.randomise_fraction:
             scene = replace(scene, randomised=self.config.randomise)
         return scene
 
