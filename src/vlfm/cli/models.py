@@ -28,7 +28,7 @@ def add_eval(p) -> None:
     p.add_argument("--task", choices=("world", "zeroshot_classification", "zeroshot_retrieval", "linear_probe"),
                    default="world", help="world (default): zero-shot + retrieval on the built-in world -> eval.json")
     p.add_argument("--dataset", default="shapes",
-                   help="shapes | shapes-ood | digits | lfw_subset | a folder of class folders | a caption file (zeroshot_retrieval)")
+                   help="shapes | shapes-ood | digits | digits-val | digits-test | lfw_subset | a folder of class folders | a caption file (zeroshot_retrieval)")
     p.add_argument("--features", choices=("embedding", "pooled", "tokens"), default="pooled",
                    help="linear_probe: which frozen image features")
     p.add_argument("--csv", default="runs/eval_results.csv", help="a row per (model, dataset, task) is appended here")

@@ -42,7 +42,7 @@ def train_command(args) -> None:
 
 def add_adapt(p) -> None:
     p.add_argument("checkpoint", help="a two-tower model: the zero-shot classifier it gives is the starting point")
-    p.add_argument("--dataset", required=True, help="shapes | digits | lfw_subset | a folder of class folders")
+    p.add_argument("--dataset", required=True, help="shapes | digits | digits-val | digits-test | lfw_subset | a folder of class folders")
     p.add_argument("--out", required=True, help="directory for zeroshot/, model/, adapter/ (LoRA), results.json, mix.png")
     p.add_argument("--steps", type=positive_int, default=600)
     p.add_argument("--batch-size", type=positive_int, default=64)

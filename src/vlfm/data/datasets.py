@@ -1,7 +1,9 @@
 """Labelled image sets for evaluation and adaptation: class folders, and real data that ships in PyPI packages.
 
 - `digits`: scikit-learn's 1,797 real handwritten digits (8x8, 16 grey levels), drawn dark on light and
-  upscaled by the model's preprocessing;
+  upscaled by the model's preprocessing; `digits-val` (every 4th image by index: 0, 4, 8, ...; 450 images)
+  and `digits-test` (the other 1,347) split them, so a zero-shot choice (prompt templates, a checkpoint, a
+  training mix) can be made on `digits-val` and reported on `digits-test`, never chosen on the test images;
 - `lfw_subset`: scikit-image's 200 25x25 crops, 100 faces and 100 non-faces;
 - `shapes`: the built-in world's single-object scenes, 20 per "colour shape" label (30 classes, held-out
   combinations included);
@@ -28,7 +30,7 @@ from vlfm.io import MAX_PIXELS, decode_image
 
 log = logging.getLogger("vlfm")
 
-NAMED = ("shapes", "shapes-ood", "digits", "lfw_subset")  # the sets load_dataset knows by name
+NAMED = ("shapes", "shapes-ood", "digits", "digits-val", "digits-test", "lfw_subset")  # the sets load_dataset knows by name
 DIGIT_NAMES = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
 # Prompt templates per named set (CLIP_benchmark's style); class folders use generic ones.
 TEMPLATES = {
@@ -67,8 +69,8 @@ class LabelledImages:
 
 def load_dataset(name: str, max_pixels: int = MAX_PIXELS) -> LabelledImages:
     """A named set (NAMED) or a folder of class folders (images over `max_pixels` skipped)."""
-    if name == "digits":
-        return digits()
+    if name in ("digits", "digits-val", "digits-test"):
+        return digits(name.partition("-")[2] or None)
     if name == "lfw_subset":
         return lfw_subset()
     if name == "shapes":
@@ -85,13 +87,27 @@ def _grey_images(arrays: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray((a * 255).round().astype(np.uint8)).convert("RGB") for a in arrays]
 
 
-def digits() -> LabelledImages:
+DIGITS_VAL_EVERY = 4  # digits-val: the images whose index is a multiple of this; digits-test: the rest
+
+
+def digits_split_indices(part: str, n: int = 1797) -> np.ndarray:
+    """Indices into sklearn's digits of `part` ("val" or "test"): fixed, documented, disjoint, together all n."""
+    if part not in ("val", "test"):
+        raise ValueError(f"digits part {part!r} must be 'val' or 'test'")
+    val = np.arange(n) % DIGITS_VAL_EVERY == 0
+    return np.flatnonzero(val if part == "val" else ~val)
+
+
+def digits(part: str | None = None) -> LabelledImages:
+    """All 1,797 digits, or part "val" / "test" of them (digits_split_indices)."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    images = _grey_images(1.0 - data.images / 16.0)  # ink dark on light paper, as rendered glyphs are
+    keep = np.arange(len(data.target)) if part is None else digits_split_indices(part, len(data.target))
+    images = _grey_images(1.0 - data.images[keep] / 16.0)  # ink dark on light paper, as rendered glyphs are
     synonyms = [[name, word] for name, word in zip(DIGIT_NAMES, DIGIT_WORDS)]
-    return LabelledImages("digits", images, torch.tensor(data.target), list(DIGIT_NAMES), TEMPLATES["digits"],
+    name = "digits" if part is None else f"digits-{part}"
+    return LabelledImages(name, images, torch.tensor(data.target[keep]), list(DIGIT_NAMES), TEMPLATES["digits"],
                           synonyms=synonyms)  # fmt: skip
 
 

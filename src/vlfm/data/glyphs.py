@@ -4,7 +4,9 @@ height, stroke, shear, width, rotation, blur and position, and often rendered at
 back up (as scans and tiny handwriting are). A model pretrained with them can be tested zero-shot on real handwriting
 (`vlfm eval RUN --task zeroshot_classification --dataset digits`), a domain it never saw.
 
-The font list depends on the machine, so glyph images are deterministic per machine, not across machines.
+The font list depends on the machine, so font glyph images are deterministic per machine, not across machines.
+`render_handwritten` draws the digit as synthetic handwriting instead (pen strokes, data/handwriting.py; no
+fonts, so independent of the machine's fonts), with the same blur, resolution and noise.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from vlfm.data.handwriting import draw_handwritten
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 FONT_DIRS = ("/usr/share/fonts", "/usr/local/share/fonts", "/Library/Fonts", "C:/Windows/Fonts")
@@ -52,7 +56,22 @@ def render_glyph(digit: int, seed: int, image_size: int = 64) -> Image.Image:
     d, e = -sin, cos
     c, f = s / 2 - a * s / 2 - b * s / 2, s / 2 - d * s / 2 - e * s / 2
     canvas = canvas.transform((s, s), Image.AFFINE, (a, b, c, d, e, f), resample=Image.BICUBIC, fillcolor=paper)
-    canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0, 2.0)))
+    return _degrade(canvas, rng, image_size)
+
+
+def render_handwritten(digit: int, seed: int, image_size: int = 64) -> Image.Image:
+    """A synthetic handwritten digit (data/handwriting.py) with the same blur, resolution and noise as render_glyph;
+    it uses no fonts, so it does not depend on the machine's fonts."""
+    rng = np.random.default_rng([seed % 2**32, 1])  # its own stream: never the same draws as the font glyph's
+    paper, ink = int(rng.uniform(200, 255)), int(rng.uniform(0, 90))
+    s = image_size * 4  # drawn at four times the size, then reduced: smooth edges
+    return _degrade(draw_handwritten(digit, rng, s, ink, paper), rng, image_size)
+
+
+def _degrade(canvas: Image.Image, rng: np.random.Generator, image_size: int) -> Image.Image:
+    """Blur, reduce to image_size, often to a low resolution and back, add pixel noise; RGB out."""
+    scale = canvas.width / (2 * image_size)  # the blur radius is in pixels of a canvas at twice the image size
+    canvas = canvas.filter(ImageFilter.GaussianBlur(rng.uniform(0, 2.0) * scale))
     image = canvas.resize((image_size, image_size), Image.BOX)
     if rng.random() < 0.6:  # low resolution (scans, tiny writing), scaled back up as preprocessing does
         low = int(rng.integers(7, 17))

@@ -16,7 +16,7 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vlfm.data.glyphs import render_glyph
+from vlfm.data.glyphs import render_glyph, render_handwritten
 from vlfm.data.randomise import free_scale, render_randomised
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -79,6 +79,9 @@ class WorldConfig:
     # Fraction of train and val scenes that show one rendered digit glyph instead of shapes (data/glyphs.py):
     # captions such as "the digit 7", for zero-shot digit recognition on real handwriting.
     glyph_fraction: float = 0.0
+    # Share of those glyph scenes drawn as synthetic handwriting (pen strokes, data/handwriting.py) instead of in a
+    # font: the fonts a machine has look nothing like handwriting. 0 draws every glyph in a font, as before.
+    glyph_handwritten: float = 0.0
     # Domain randomisation (data/randomise.py): how often and how far each drawing factor that should not matter
     # (background, scale, rotation, outline, edges, resizing, noise, blur, JPEG) varies in training scenes; 0 draws
     # the plain world. Evaluation scenes stay plain: the in-domain benchmark.
@@ -122,6 +125,8 @@ class WorldConfig:
             raise ValueError(f"world.colour_free_style={self.colour_free_style!r} is not one of: {', '.join(COLOUR_FREE_STYLES)}")
         if not 0.0 <= self.glyph_fraction < 1.0:
             raise ValueError(f"world.glyph_fraction={self.glyph_fraction} must be in [0, 1)")
+        if not 0.0 <= self.glyph_handwritten <= 1.0:
+            raise ValueError(f"world.glyph_handwritten={self.glyph_handwritten} must be in [0, 1]")
         if not 0.0 <= self.randomise <= 1.0:
             raise ValueError(f"world.randomise={self.randomise} must be in [0, 1]")
         if not 0.0 < self.randomise_fraction <= 1.0:
@@ -151,6 +156,9 @@ class Scene:
     off_palette: bool = False  # a grey scene whose objects take colours outside the palette
     digit: int | None = None  # a glyph scene: one rendered digit and no shapes
     randomised: float = 0.0  # domain randomisation strength it is drawn with (data/randomise.py)
+    # A glyph scene drawn as synthetic handwriting, not in a font. Left out of repr, so the records of every world
+    # without handwriting print (and hash, tests/test_shapes_pinned.py) as before; == still compares it.
+    handwritten: bool = field(default=False, repr=False)
 
 
 class ShapesWorld:
@@ -170,7 +178,10 @@ class ShapesWorld:
         if split == "single":
             return self._make_scene(rng, ALL_LABELS, 1)
         if self.config.glyph_fraction and split in ("train", "val") and rng.random() < self.config.glyph_fraction:
-            return Scene((), int(rng.integers(2**31)), digit=int(rng.integers(10)))
+            background, digit = int(rng.integers(2**31)), int(rng.integers(10))
+            # Drawn last and only when asked for, so worlds without handwriting draw exactly the numbers they did.
+            hand = bool(self.config.glyph_handwritten) and rng.random() < self.config.glyph_handwritten
+            return Scene((), background, digit=digit, handwritten=hand)
         labels = self.held_out_labels if split == "heldout" else self.seen_labels
         if not labels:
             raise ValueError("split 'heldout' needs a non-empty world.held_out")
@@ -322,7 +333,7 @@ def _colour(scene: Scene, obj: Obj, rng: np.random.Generator, background: float)
 
 def render(scene: Scene, image_size: int = 64) -> Image.Image:
     if scene.digit is not None:
-        return render_glyph(scene.digit, scene.background, image_size)
+        return (render_handwritten if scene.handwritten else render_glyph)(scene.digit, scene.background, image_size)
     if scene.randomised:
         image = render_randomised(scene, image_size, scene.randomised, SIZE_EXTENT,
                                   lambda obj, rng, back: _colour(scene, obj, rng, back), _PALETTE,
