@@ -83,3 +83,14 @@ def test_digits_val_and_test_split_all_digits():
     assert sorted(set(dval.targets.tolist())) == list(range(10))
     with pytest.raises(ValueError, match="'train'"):
         digits_split_indices("train")
+
+
+def test_some_handwriting_is_size_normalised_to_fill_the_frame():
+    def ink_box(image):
+        grey = pixels(image)[..., 0]
+        rows, cols = np.flatnonzero((grey < 150).any(1)), np.flatnonzero((grey < 150).any(0))
+        return (rows[-1] - rows[0] + 1) / 64, (cols[-1] - cols[0] + 1) / 64
+
+    boxes = [ink_box(render_handwritten(1, seed)) for seed in range(40)]
+    # a 1 written upright is narrow; size-normalised and stretched, its ink spans most of the width
+    assert sum(w < 0.45 for _, w in boxes) >= 5 and sum(w > 0.8 and h > 0.8 for h, w in boxes) >= 5

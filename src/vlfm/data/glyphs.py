@@ -65,7 +65,31 @@ def render_handwritten(digit: int, seed: int, image_size: int = 64) -> Image.Ima
     rng = np.random.default_rng([seed % 2**32, 1])  # its own stream: never the same draws as the font glyph's
     paper, ink = int(rng.uniform(200, 255)), int(rng.uniform(0, 90))
     s = image_size * 4  # drawn at four times the size, then reduced: smooth edges
-    return _degrade(draw_handwritten(digit, rng, s, ink, paper), rng, image_size)
+    canvas = draw_handwritten(digit, rng, s, ink, paper)
+    if rng.random() < 0.5:  # size-normalised, as scanned-digit sets store them: the ink's box fills the frame
+        canvas = _fill_frame(canvas, rng, paper)
+    return _degrade(canvas, rng, image_size)
+
+
+def _fill_frame(canvas: Image.Image, rng: np.random.Generator, paper: int) -> Image.Image:
+    """The ink's bounding box scaled up to fill the canvas, less a small margin: keeping its aspect ratio, or
+    (half the time) stretched to fill both ways, so a narrow digit such as a 1 becomes a wide one."""
+    s = canvas.width
+    box = Image.eval(canvas, lambda v: 255 if v < paper - 40 else 0).getbbox()
+    if box is None:
+        return canvas
+    left, top, right, bottom = box
+    w, h = right - left, bottom - top
+    room = s * (1 - 2 * rng.uniform(0.0, 0.1))
+    if rng.random() < 0.5:
+        new = (room, room)
+    else:
+        k = room / max(w, h)
+        new = (w * k, h * k)
+    nw, nh = max(1, int(new[0])), max(1, int(new[1]))
+    out = Image.new("L", (s, s), paper)
+    out.paste(canvas.crop(box).resize((nw, nh), Image.BICUBIC), ((s - nw) // 2, (s - nh) // 2))
+    return out
 
 
 def _degrade(canvas: Image.Image, rng: np.random.Generator, image_size: int) -> Image.Image:
