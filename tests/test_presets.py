@@ -30,7 +30,7 @@ FLOORS = {
     "shapes-clip": (0.50, 0.45, 0.48),  # 0.646, 0.632, 0.614
     "shapes-siglip": (0.22, 0.22, 0.28),  # 0.324, 0.336, 0.391
     "shapes-lit": (0.80, 0.35, 0.65),  # 0.902, 0.520, 0.792
-    "shapes-glyphs": (0.20, 0.14, 0.45),  # 0.322, 0.252, 0.574
+    "shapes-glyphs": (0.20, 0.14, 0.45),  # 0.322, 0.252, 0.574 (fonts); 0.308, 0.272, 0.555 (handwriting, bf16)
 }
 
 
@@ -47,9 +47,10 @@ def check_preset(preset, tmp_path):
         assert metrics["zeroshot_unseen_shapes_top1"] >= 0.18, metrics
         assert metrics["zeroshot_unseen_templates_top1"] >= 0.55, metrics
     if preset == "shapes-glyphs":
-        # zero-shot on real handwriting (scikit-learn's digits) after training on rendered glyphs only: 0.395
+        # zero-shot on real handwriting (scikit-learn's digits) after training on synthetic handwriting only:
+        # 0.693 (font glyphs: 0.395)
         digits = evaluate_task(vlfm.load(config.run_dir), "zeroshot_classification", "digits")
-        assert digits["top1"] >= 0.25, digits
+        assert digits["top1"] >= 0.5, digits
     if preset == "shapes-clip":
         # text -> image search over 3,000 held-out scenes: "a red circle" must return scenes with a red circle
         # (precision@10 over the 25 seen colour+shape queries: 0.704)
