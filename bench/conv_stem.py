@@ -46,8 +46,8 @@ def main() -> None:
     tokens[:, -1] = config.text.eos_token_id
 
     for precision in ("fp32", "bf16"):
-        def autocast():
-            return torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16")
+        def autocast(bf16=precision == "bf16"):
+            return torch.autocast("cpu", torch.bfloat16, enabled=bf16)
 
         def stem_step():
             with autocast():
