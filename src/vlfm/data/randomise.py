@@ -4,8 +4,8 @@ What a scene shows (its objects' colours, shapes, relative sizes and places) and
 data/shapes.py makes them; what should not matter varies: the background (plain, gradient, stripes, checks or
 blotches, in any colour and brightness that keeps the objects visible), a per-scene scale from small to filling
 the free space, each object's aspect ratio, proportions (a star's points, a cross's arms) and rotation, filled,
-outlined or bordered drawing and the stroke width, a drop shadow, a colour shade within its name, anti-aliased or hard edges, the size drawn at before resizing, brightness and
-contrast, noise, blur and JPEG artefacts. `strength` (0..1) is how often and how far each factor departs from
+outlined or bordered drawing and the stroke width, a drop shadow, a colour shade within its name, anti-aliased
+or hard edges, the size drawn at before resizing, brightness and contrast, noise, blur and JPEG artefacts. `strength` (0..1) is how often and how far each factor departs from
 the plain world. A pure function of the scene, like the plain render.
 """
 
@@ -119,15 +119,17 @@ def render_randomised(scene, image_size: int, strength: float, extents: dict[str
     colours = [] if scene.grey else [colour_of(o, rng, 128.0) for o in objects]
     colours = [shade(rng, c, palette, 45 * p) if rng.random() < p else c for c in colours]
     back = _background(rng, s, colours) if rng.random() < p else np.full((s, s, 3), rng.uniform(130, 215))
+    paper = back.mean((0, 1))  # the background's mean colour, computed once
     if scene.grey:
-        colours = [colour_of(o, rng, float(back.mean())) for o in objects]
+        colours = [colour_of(o, rng, float(paper.mean())) for o in objects]
     canvas = Image.fromarray(np.clip(back, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     zoom = float(np.exp(rng.uniform(np.log(0.6), np.log(max(0.6, min(scale_room, 2.5)))))) if rng.random() < p else 1.0
     hollow = rng.random() < p / 3  # drawn as an outline only
     border = not hollow and rng.random() < p / 2  # filled, with a dark (light on a dark background) border
-    ink = rng.uniform(0, 50, size=3) if back.mean() > 110 else rng.uniform(205, 255, size=3)
+    ink = tuple(int(v) for v in (rng.uniform(0, 50, size=3) if paper.mean() > 110 else rng.uniform(205, 255, size=3)))
     shadow = rng.random() < p / 3  # a darker copy of the shape, offset down and to the right
+    dark = tuple(int(v) for v in paper * 0.6)
     for obj, colour in zip(objects, colours):
         lo, hi = extents[obj.size]
         extent = rng.uniform(lo, hi) * s * zoom
@@ -137,12 +139,11 @@ def render_randomised(scene, image_size: int, strength: float, extents: dict[str
         fill = tuple(int(v) for v in colour)
         pts = _polygon(unit, obj.x * s, obj.y * s, rx, ry, angle)
         if shadow:
-            dark = tuple(int(v) for v in back.mean((0, 1)) * 0.6)
             draw.polygon([(x + 0.07 * rx, y + 0.09 * ry) for x, y in pts], fill=dark)
         if hollow:
             draw.polygon(pts, outline=fill, width=max(1, int(rng.uniform(0.06, 0.2) * extent)))
         elif border:
-            draw.polygon(pts, fill=fill, outline=tuple(int(v) for v in ink),
+            draw.polygon(pts, fill=fill, outline=ink,
                          width=max(1, int(rng.uniform(0.03, 0.1) * extent)))
         else:
             draw.polygon(pts, fill=fill)
