@@ -1,10 +1,13 @@
-"""Rendering the built-in world (data/shapes.py): scenes/s of `render_many(..., workers=0)` (scene records and
-images, one process), against a baseline copy of shapes.py loaded under another module name in the same process,
-timed interleaved (rounds alternate) so that the shared CPU's load hits both alike. Both must return the same
-images and scene records (checked). The numbers are printed only.
+"""Rendering the built-in world (scenes: data/shapes.py, pixels: data/draw.py): scenes/s of
+`render_many(..., workers=0)` (scene records and images, one process), against a baseline copy loaded under
+another module name in the same process, timed interleaved (rounds alternate) so that the shared CPU's load
+hits both alike. The baseline is another version of data/draw.py (it imports this checkout's data/shapes.py,
+so it times only the renderer), or a data/shapes.py from before the renderer moved to data/draw.py (world and
+renderer in one file). Both must return the same images and scene records (checked). The numbers are printed
+only.
 
-    git show main:src/vlfm/data/shapes.py > /tmp/shapes_main.py
-    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python bench/render.py --baseline /tmp/shapes_main.py
+    git show main:src/vlfm/data/draw.py > /tmp/draw_main.py
+    OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python bench/render.py --baseline /tmp/draw_main.py
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python bench/render.py   # this checkout alone
 """
 
@@ -14,10 +17,11 @@ import argparse
 import importlib.util
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
-from vlfm.data import shapes
+from vlfm.data import draw, shapes
 
 WORLDS = {  # the presets' worlds (configs/*.yaml data.world)
     "plain": {},
@@ -27,6 +31,8 @@ WORLDS = {  # the presets' worlds (configs/*.yaml data.world)
 
 
 def load_baseline(path: str):
+    """The module at `path`; `timed` uses its ShapesWorld, WorldConfig and render_many (a draw.py has the
+    first two from its import of vlfm.data.shapes)."""
     spec = importlib.util.spec_from_file_location("vlfm.data._shapes_baseline", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -43,12 +49,15 @@ def timed(module, world: dict, split: str, n: int) -> tuple[float, np.ndarray, l
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--baseline", help="path of another shapes.py to compare with (e.g. main's)")
+    p.add_argument("--baseline", help="path of another draw.py (or a pre-split shapes.py) to compare with")
     p.add_argument("--n", type=int, default=2000, help="scenes per round")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--split", default="train")
     args = p.parse_args()
-    modules = {"this": shapes} | ({"baseline": load_baseline(args.baseline)} if args.baseline else {})
+    this = SimpleNamespace(
+        ShapesWorld=shapes.ShapesWorld, WorldConfig=shapes.WorldConfig, render_many=draw.render_many
+    )
+    modules = {"this": this} | ({"baseline": load_baseline(args.baseline)} if args.baseline else {})
     for name, world in WORLDS.items():
         best = dict.fromkeys(modules, float("inf"))
         for _ in range(args.rounds):

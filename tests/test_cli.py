@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from vlfm.cli import main
-from vlfm.data.shapes import Obj, Scene, render
+from vlfm.data.draw import render
+from vlfm.data.shapes import Obj, Scene
 
 
 def one_line_error(capsys, argv, match):

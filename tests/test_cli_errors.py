@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 from vlfm.cli import main
-from vlfm.data.shapes import Obj, Scene, render
+from vlfm.data.draw import render
+from vlfm.data.shapes import Obj, Scene
 
 T, V = "configs/shapes-clip.yaml", "configs/shapes-vlm.yaml"
 

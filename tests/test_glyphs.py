@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from vlfm.data.datasets import NAMED, digits, digits_split_indices, load_dataset
+from vlfm.data.draw import render_many
 from vlfm.data.glyphs import render_glyph, render_handwritten
 from vlfm.data.handwriting import STYLES
-from vlfm.data.shapes import ShapesWorld, WorldConfig, render_many
+from vlfm.data.shapes import ShapesWorld, WorldConfig
 
 
 def pixels(image) -> np.ndarray:

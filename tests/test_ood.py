@@ -14,7 +14,7 @@ from vlfm.eval.retrieval import class_retrieval
 def test_a_renderer_of_its_own():
     imports = {(node.module, alias.name) for node in ast.walk(ast.parse(inspect.getsource(ood)))
                if isinstance(node, ast.ImportFrom) for alias in node.names}  # fmt: skip
-    # none of the world's drawing code (data/shapes.py, data/randomise.py) nor PIL's drawing: only the label names
+    # none of the world's drawing code (data/draw.py, data/randomise.py) nor PIL's drawing: only the label names
     assert {m for m, _ in imports if m.startswith("vlfm")} == {"vlfm.data.shapes"}
     assert ("vlfm.data.shapes", "ALL_LABELS") in imports and len([m for m, _ in imports if m.startswith("vlfm")]) == 1
     assert ("PIL", "ImageDraw") not in imports and "ImageDraw." not in inspect.getsource(ood)

@@ -3,8 +3,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from vlfm.data.draw import _PALETTE
 from vlfm.data.randomise import free_scale, shade
-from vlfm.data.shapes import _GAP, _HALF, _PALETTE, COLOURS, ShapesWorld, WorldConfig
+from vlfm.data.shapes import _GAP, _HALF, COLOURS, ShapesWorld, WorldConfig
 from vlfm.data.world_text import captions
 
 PLAIN = ShapesWorld(WorldConfig(colour_free_fraction=0.3, colour_free_style="off_palette"))

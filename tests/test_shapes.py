@@ -3,6 +3,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from vlfm.data.draw import _grey_level, _off_palette, render_many
 from vlfm.data.shapes import (
     ALL_LABELS,
     COLOURS,
@@ -12,10 +13,7 @@ from vlfm.data.shapes import (
     Scene,
     ShapesWorld,
     WorldConfig,
-    _grey_level,
-    _off_palette,
     label,
-    render_many,
 )
 from vlfm.data.world_text import captions, questions
 

@@ -8,7 +8,8 @@ import hashlib
 
 import pytest
 
-from vlfm.data.shapes import SPLITS, ShapesWorld, WorldConfig, render_many
+from vlfm.data.draw import render_many
+from vlfm.data.shapes import SPLITS, ShapesWorld, WorldConfig
 
 OFF_PALETTE = {"colour_free_fraction": 0.45, "colour_free_style": "off_palette"}  # configs/shapes-clip.yaml
 GREY = {"colour_free_fraction": 0.3, "colour_free_style": "grey"}

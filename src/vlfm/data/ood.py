@@ -1,6 +1,6 @@
 """shapes-ood: coloured shapes drawn by a renderer written apart from the world's, for evaluation only.
 
-The built-in world (data/shapes.py) draws with PIL's ImageDraw on textured light-grey backgrounds. This renderer
+The built-in world (data/draw.py) draws with PIL's ImageDraw on textured light-grey backgrounds. This renderer
 shares none of that code and none of its constants: it builds each shape as a numpy coverage mask (an implicit
 test per pixel, 3x3 samples a pixel), in its own palette shades and proportions (an equilateral triangle, a
 thinner star and cross), large and centred-ish as clip-art is, often rotated, with a dark (or, on a dark

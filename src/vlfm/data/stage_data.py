@@ -29,7 +29,8 @@ from vlfm.data.chat import (
     world_conversations,
     world_text,
 )
-from vlfm.data.shapes import ShapesWorld, WorldConfig, render_many
+from vlfm.data.draw import render_many
+from vlfm.data.shapes import ShapesWorld, WorldConfig
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.data.transforms import Preprocess, to_uint8_tensor
 from vlfm.data.world_text import captions, question_kind

@@ -8,8 +8,9 @@ from collections import defaultdict
 import torch
 
 from vlfm.data.chat import exact_match
+from vlfm.data.draw import render_many
 from vlfm.data.ood import render_scene
-from vlfm.data.shapes import ShapesWorld, WorldConfig, render_many
+from vlfm.data.shapes import ShapesWorld, WorldConfig
 from vlfm.data.transforms import to_uint8_tensor
 from vlfm.data.world_text import question_kind, questions
 from vlfm.models.vlm import left_pad

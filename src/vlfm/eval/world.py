@@ -18,7 +18,8 @@ import torch
 
 from vlfm.data.datasets import TEMPLATES as DATASET_TEMPLATES
 from vlfm.data.datasets import shapes_ood
-from vlfm.data.shapes import ALL_LABELS, COLOURS, SHAPES, ShapesWorld, WorldConfig, render_many
+from vlfm.data.draw import render_many
+from vlfm.data.shapes import ALL_LABELS, COLOURS, SHAPES, ShapesWorld, WorldConfig
 from vlfm.data.transforms import to_uint8_tensor
 from vlfm.data.world_text import captions, with_article
 from vlfm.eval.retrieval import class_retrieval, retrieval

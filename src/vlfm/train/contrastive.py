@@ -17,7 +17,8 @@ from PIL import Image
 
 from vlfm import distributed
 from vlfm.config import ConfigError, RunConfig
-from vlfm.data.shapes import ShapesWorld, render_many
+from vlfm.data.draw import render_many
+from vlfm.data.shapes import ShapesWorld
 from vlfm.data.shards import is_shard_source, load_shards
 from vlfm.data.sources import ImageTextData, load_image_text, read_caption_file
 from vlfm.data.stream import ShardBatches, tokenize_batch
