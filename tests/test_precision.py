@@ -40,6 +40,19 @@ def test_bf16_embeddings_are_close_to_fp32_and_fp32_is_exact(trained_run):
         assert (low - exact).abs().max() <= 2e-2 and (low * exact).sum(-1).min() >= 0.999
 
 
+def test_patch_projection_stays_fp32_under_autocast_without_gradients(trained_run):
+    visual = vlfm.load(trained_run, precision="fp32").visual
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = visual.embed(pixels)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inference = visual.embed(pixels)
+    assert inference.dtype == torch.float32 and torch.equal(inference, exact)  # raw pixels never rounded to bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        training = visual.embed(pixels)
+    assert training.dtype == torch.bfloat16 and training.requires_grad  # training keeps the stem in bf16
+
+
 def test_training_records_the_precision_auto_stands_for(tmp_path):
     config = tiny_config(tmp_path, "train.steps=2", "train.save_every=0", "data.eval_size=0", "data.classify_size=0")
     assert config.train.precision == "auto"

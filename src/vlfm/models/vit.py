@@ -77,8 +77,15 @@ class VisionTransformer(nn.Module):
         init_transformer(self.transformer, c.layers)
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Patch tokens (+ class token) with position embeddings, before the blocks: (B, tokens, width)."""
-        x = self.patch_embed(pixels)  # (B, width, grid, grid)
+        """Patch tokens (+ class token) with position embeddings, before the blocks: (B, tokens, width).
+        Without gradients the patch projection runs in fp32 even under autocast: raw pixels rounded to bf16 are
+        the largest single source of bf16 inference's difference from fp32, at a few % of the FLOPs (training
+        keeps it in bf16, where the stem is a fifth of a step; docs/experiments.md §11.1)."""
+        if torch.is_autocast_enabled(pixels.device.type) and not torch.is_grad_enabled():
+            with torch.autocast(pixels.device.type, enabled=False):
+                x = self.patch_embed(pixels.float())
+        else:
+            x = self.patch_embed(pixels)  # (B, width, grid, grid)
         x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, width)
         if self.class_embed is not None:
             x = torch.cat([self.class_embed.expand(x.shape[0], 1, -1).to(x.dtype), x], dim=1)
