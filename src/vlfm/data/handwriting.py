@@ -6,7 +6,8 @@ unit box (x right, y down, the digit's height from 0 to 1); "curve" strokes pass
 (a Catmull-Rom spline), "loop" strokes too and close on themselves, "line" strokes are polylines with sharp
 corners. Per sample every control point is jittered, the digit slanted, rotated, narrowed or widened, and
 drawn with a pen from thin to very thick, then blurred, often reduced to 7-16 px and scaled back up, and given
-pixel noise, as glyphs.render_glyph does with font digits. A pure function of (digit, seed) that uses no fonts, so it does not depend on the machine's fonts.
+pixel noise, as glyphs.render_glyph does with font digits. A pure function of (digit, seed) that uses no
+fonts, so it does not depend on the machine's fonts.
 """
 
 from __future__ import annotations

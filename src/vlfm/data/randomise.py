@@ -5,8 +5,9 @@ data/shapes.py makes them; what should not matter varies: the background (plain,
 blotches, in any colour and brightness that keeps the objects visible), a per-scene scale from small to filling
 the free space, each object's aspect ratio, proportions (a star's points, a cross's arms) and rotation, filled,
 outlined or bordered drawing and the stroke width, a drop shadow, a colour shade within its name, anti-aliased
-or hard edges, the size drawn at before resizing, brightness and contrast, noise, blur and JPEG artefacts. `strength` (0..1) is how often and how far each factor departs from
-the plain world. A pure function of the scene, like the plain render.
+or hard edges, the size drawn at before resizing, brightness and contrast, noise, blur and JPEG artefacts.
+`strength` (0..1) is how often and how far each factor departs from the plain world. A pure function of the
+scene, like the plain render (data/draw.py).
 """
 
 from __future__ import annotations
@@ -120,14 +121,15 @@ def render_randomised(scene, image_size: int, strength: float, extents: dict[str
     colours = [shade(rng, c, palette, 45 * p) if rng.random() < p else c for c in colours]
     back = _background(rng, s, colours) if rng.random() < p else np.full((s, s, 3), rng.uniform(130, 215))
     paper = back.mean((0, 1))  # the background's mean colour, computed once
+    brightness = float(paper.mean())
     if scene.grey:
-        colours = [colour_of(o, rng, float(paper.mean())) for o in objects]
+        colours = [colour_of(o, rng, brightness) for o in objects]
     canvas = Image.fromarray(np.clip(back, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     zoom = float(np.exp(rng.uniform(np.log(0.6), np.log(max(0.6, min(scale_room, 2.5)))))) if rng.random() < p else 1.0
     hollow = rng.random() < p / 3  # drawn as an outline only
     border = not hollow and rng.random() < p / 2  # filled, with a dark (light on a dark background) border
-    ink = tuple(int(v) for v in (rng.uniform(0, 50, size=3) if paper.mean() > 110 else rng.uniform(205, 255, size=3)))
+    ink = tuple(int(v) for v in (rng.uniform(0, 50, size=3) if brightness > 110 else rng.uniform(205, 255, size=3)))
     shadow = rng.random() < p / 3  # a darker copy of the shape, offset down and to the right
     dark = tuple(int(v) for v in paper * 0.6)
     for obj, colour in zip(objects, colours):
