@@ -14,6 +14,7 @@ reuse them (the same world config in every run). Prints a table (markdown) and J
 
     .venv/bin/python bench/batch_study.py --plot docs/batch_study.png        # 2 losses x 4 batches x 3 seeds
     .venv/bin/python bench/batch_study.py --batches 16 256 --seeds 0 --samples 4096 --plot /tmp/s.png  # a look
+    .venv/bin/python bench/batch_study.py --samples 4096 --merge s0.log s1.log --plot both.png  # seeds run apart
 """
 
 from __future__ import annotations
@@ -105,23 +106,41 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--plot", default="batch_study.png")
     parser.add_argument("-o", dest="overrides", action="append", default=[], help="extra config override")
+    parser.add_argument("--merge", nargs="+", metavar="LOG", help="no training: the table and plot of earlier runs' "
+                        "printed JSON (the same --samples), e.g. seeds run as separate processes")
     args = parser.parse_args()
-    jobs = [(loss, b, s) for s in args.seeds for b in args.batches for loss in ("clip", "siglip")]
-    with tempfile.TemporaryDirectory() as out, ProcessPoolExecutor(args.jobs, initializer=_init_worker) as pool:
-        rows = list(pool.map(partial(train_one, samples=args.samples, out=out, extra=args.overrides), jobs))
-    print(json.dumps({"bench": "batch_study", "samples": args.samples, "rows": rows}))
-    print(f"\n| batch | steps | {' | '.join(f'{loss} {m}' for m in METRICS for loss in ('clip', 'siglip'))} |")
-    print("| --- | --- |" + " --- |" * 2 * len(METRICS))
-    for b in args.batches:
+    if args.merge:
+        rows = [row for path in args.merge for row in _saved_rows(path, args.samples)]
+    else:
+        jobs = [(loss, b, s) for s in args.seeds for b in args.batches for loss in ("clip", "siglip")]
+        with tempfile.TemporaryDirectory() as out, ProcessPoolExecutor(args.jobs, initializer=_init_worker) as pool:
+            rows = list(pool.map(partial(train_one, samples=args.samples, out=out, extra=args.overrides), jobs))
+        print(json.dumps({"bench": "batch_study", "samples": args.samples, "rows": rows}))
+    batches = sorted({r["batch"] for r in rows})
+    print(f"\n| batch | steps | {' | '.join(f'{loss} {m}' for m in METRICS for loss in ('clip', 'siglip'))} | seeds |")
+    print("| --- | --- |" + " --- |" * (2 * len(METRICS) + 1))
+    for b in batches:
         cells = []
         for metric in METRICS:
             for loss in ("clip", "siglip"):
                 v = [r[metric] for r in rows if r["loss"] == loss and r["batch"] == b]
                 sd = statistics.stdev(v) if len(v) > 1 else 0.0
                 cells.append(f"{statistics.mean(v):.3f} +- {sd:.3f}")
-        print(f"| {b} | {max(1, args.samples // b)} | {' | '.join(cells)} |")
+        seeds = len({r["seed"] for r in rows if r["batch"] == b})
+        print(f"| {b} | {max(1, args.samples // b)} | {' | '.join(cells)} | {seeds} |")
     plot(rows, args.plot)
     print(f"plot: {args.plot}")
+
+
+def _saved_rows(path: str, samples: int) -> list[dict]:
+    """The rows of a log this script printed (its one JSON line); refuses a log of another --samples."""
+    with open(path) as f:
+        saved = [json.loads(line) for line in f if line.startswith('{"bench": "batch_study"')]
+    if not saved:
+        raise SystemExit(f"{path}: no batch_study JSON line (a finished run of this script prints one)")
+    if saved[-1]["samples"] != samples:
+        raise SystemExit(f"{path}: runs of {saved[-1]['samples']} samples, not --samples {samples}")
+    return saved[-1]["rows"]
 
 
 if __name__ == "__main__":
