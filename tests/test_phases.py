@@ -58,9 +58,10 @@ def test_stage_2_curriculum_asks_about_one_object_then_two(tmp_path, model):
 
     config = tiny_vlm_config(tmp_path, "stage2.steps=6", "stage2.phases=[{steps: 2, objects: 1}, {steps: 2, objects: 2}]",
                              "data.length_buckets=2", "data.world.min_objects=2",
-                             "data.world.max_objects=3")  # fmt: skip
+                             "data.world.max_objects=3", "data.wordings=one")  # fmt: skip
     examples = stage_examples(model, config, 2)
-    plain = stage_examples(model, tiny_vlm_config(tmp_path, "data.world.min_objects=2", "data.world.max_objects=3"), 2)
+    plain = stage_examples(model, tiny_vlm_config(tmp_path, "data.world.min_objects=2", "data.world.max_objects=3",
+                                                  "data.wordings=one"), 2)  # one wording: counts() finds its answers
     assert plain.phases == [] and [(p.start, p.end, p.mix) for p in examples.phases] == [(0, 2, 1.0), (2, 4, 1.0)]
     one, two = (len(p.rows) for p in examples.phases)
     assert one > 0 and two > 0 and examples.main == range(one + two, len(examples.ids))
@@ -91,9 +92,10 @@ def test_stage_2_focus_phase_asks_only_its_kinds_in_its_steps(tmp_path, model):
 
     config = tiny_vlm_config(tmp_path, "stage2.steps=7", "stage2.phases=[{steps: 2, objects: 1}, "
                              "{start: 3, steps: 2, kinds: [relation]}]", "data.world.min_objects=2",
-                             "data.world.max_objects=3")  # fmt: skip
+                             "data.world.max_objects=3", "data.wordings=one")  # fmt: skip
     examples = stage_examples(model, config, 2)
-    plain = stage_examples(model, tiny_vlm_config(tmp_path, "data.world.min_objects=2", "data.world.max_objects=3"), 2)
+    plain = stage_examples(model, tiny_vlm_config(tmp_path, "data.world.min_objects=2", "data.world.max_objects=3",
+                                                  "data.wordings=one"), 2)  # one wording: counts() finds its answers
     one, focus = (len(p.rows) for p in examples.phases)
     assert one > 0 and focus > 0 and examples.ids[one + focus :] == plain.ids
     assert examples.phases[1].start == 3 and examples.phases[1].end == 5

@@ -88,9 +88,9 @@ class VLMDataConfig:
     # A batch's sequences sorted by length and run in this many pieces, each padded only to its own longest:
     # the same loss and gradients with less padding (docs/experiments.md §10).
     length_buckets: int = 1
-    # The world (stages 0 and 2): each question in its one form (one), or in one of several training wordings
-    # (varied, world_text.WORDINGS); VQA's vqa_wordings_* ask the held-out wordings either way.
-    wordings: str = "one"
+    # The world (stages 0 and 2): each question in one of several training wordings (varied, world_text.WORDINGS),
+    # or in its one form (one); VQA's vqa_wordings_* ask the held-out wordings either way.
+    wordings: str = "varied"
     world: WorldConfig = field(default_factory=WorldConfig)
     workers: int = 2
     max_pixels: int = MAX_PIXELS  # LLaVA images whose header claims more pixels are skipped and counted
