@@ -95,7 +95,7 @@ def test_stage_2_focus_phase_asks_only_its_kinds_in_its_steps(tmp_path, model):
                              "data.world.max_objects=3", "data.wordings=one")  # fmt: skip
     examples = stage_examples(model, config, 2)
     plain = stage_examples(model, tiny_vlm_config(tmp_path, "data.world.min_objects=2", "data.world.max_objects=3",
-                                                  "data.wordings=one"), 2)  # one wording: counts() finds its answers
+                                                  "data.wordings=one"), 2)  # one wording: questions end in "?"
     one, focus = (len(p.rows) for p in examples.phases)
     assert one > 0 and focus > 0 and examples.ids[one + focus :] == plain.ids
     assert examples.phases[1].start == 3 and examples.phases[1].end == 5
