@@ -111,6 +111,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.merge:
         rows = [row for path in args.merge for row in _saved_rows(path, args.samples)]
+        runs = [(r["loss"], r["batch"], r["seed"]) for r in rows]
+        if twice := sorted({run for run in runs if runs.count(run) > 1}):
+            raise SystemExit(f"--merge: these (loss, batch, seed) runs are in more than one log: {twice}")
     else:
         jobs = [(loss, b, s) for s in args.seeds for b in args.batches for loss in ("clip", "siglip")]
         with tempfile.TemporaryDirectory() as out, ProcessPoolExecutor(args.jobs, initializer=_init_worker) as pool:
