@@ -238,6 +238,9 @@ def test_pretrained_lm_keeps_its_weights_and_gains_the_chat_tokens(tmp_path, mod
     assert torch.equal(vlm.lm.embed_tokens.weight[:n], lm.embed_tokens.weight)
     assert torch.equal(vlm.lm.blocks[1].mlp.down_proj.weight, lm.blocks[1].mlp.down_proj.weight)
     assert vlm.config.image_token_id == vlm.tokenizer.token_id("<image>") >= n
+    with pytest.raises(ConfigError, match="data.max_length=120 exceeds the LM's context length max_positions=96"):
+        run(tiny_vlm_config(tmp_path, f"model.lm_init={tmp_path / 'lm'}", "data.max_length=120", name="long"))
+    assert not (tmp_path / "long" / "stage1").exists()  # before any training
     with pytest.raises(ConfigError, match="not an image-text model"):
         build_model(tiny_vlm_config(tmp_path, f"model.vision_init={tmp_path / 'lm'}"))
     model.save(tmp_path / "vlm")

@@ -81,7 +81,7 @@ class VLMDataConfig:
     train_size: int = 10000  # scenes rendered for training (shapes)
     eval_size: int = 300  # unseen scenes for the VQA evaluation
     text_size: int = 3000  # scenes whose conversations (~28 each) pretrain the LM in stage 0
-    max_length: int = 128  # longest training sequence in tokens (image tokens included); longer ones are skipped
+    max_length: int = 128  # longest training sequence in tokens (image tokens included); longer ones are skipped; at most the LM's max_positions
     max_turns: int = 3  # stage 2 on the world: the longest multi-turn conversation (questions per image pass)
     single_questions: bool = True  # stage 2 on the world: every question also alone, besides the multi-turn ones
     count_questions: int | None = 3  # the world (stages 0 and 2): "how many" questions per scene at most (null: all)

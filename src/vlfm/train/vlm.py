@@ -234,6 +234,10 @@ def run_vlm(config: VLMRunConfig, device: torch.device, resume: bool = False, st
                           "run the earlier stages first")
     else:
         model = build_model(config)
+    if config.data.max_length > model.lm.config.max_positions:  # a longer sequence would fail mid-stage
+        raise ConfigError(f"data.max_length={config.data.max_length} exceeds the LM's context length max_positions="
+                          f"{model.lm.config.max_positions}: lower data.max_length or raise model.lm.max_positions "
+                          "(a new LM only)")
     model = model.to(device)
     model.set_grad_checkpointing(config.train.grad_checkpointing)
     val = VQASet(config.data.world, "val", config.data.eval_size, config.data.workers) if config.data.source == "shapes" else None
