@@ -191,3 +191,36 @@ def test_phases_survive_the_resolved_config(files):
     config = tiny_vlm_config(files, "stage2.steps=9", "stage2.phases=[{steps: 2, objects: 1}, {start: 4, steps: 3, "
                              "kinds: [relation], mix: 0.5}]")  # fmt: skip
     assert from_dict(VLMRunConfig, to_dict(config)) == config
+
+
+def test_stage_2_text_replay_adds_text_only_rows_after_the_world_s_own(tmp_path, model):
+    """data.text_replay=0.5: stage 2's own sequences unchanged, then text-only conversations of 20 scenes (no image
+    row, no image token); with data.text_all_pairs they (and stage 0's text) name held-out colour+shape pairs, which
+    no image row ever shows; without it they never do. A step mixing both kinds trains."""
+    from vlfm.data.shapes import ALL_LABELS
+    from vlfm.train.vlm import VLMTask, stage_examples
+
+    held = WorldConfig().held_out
+    plain = stage_examples(model, tiny_vlm_config(tmp_path), 2)
+
+    def mentions_held_out(rows):
+        return sum(any(label in text for label in held) for text in rows)
+
+    for all_pairs in (False, True):
+        config = tiny_vlm_config(tmp_path, "data.text_replay=0.5", f"data.text_all_pairs={all_pairs}")
+        examples = stage_examples(model, config, 2)
+        n = len(plain.ids)
+        assert examples.ids[:n] == plain.ids and examples.image[:n] == plain.image
+        replay = range(n, len(examples.ids))
+        assert len(replay) > 20 and all(examples.image[r] == -1 for r in replay)
+        assert not any(model.config.image_token_id in examples.ids[r] for r in replay)
+        replayed, text = texts(model, examples, replay), texts(model, stage_examples(model, config, 0), range(40))
+        assert (mentions_held_out(replayed) > 0) == all_pairs and (mentions_held_out(text) > 0) == all_pairs
+        assert mentions_held_out(texts(model, examples, range(n))) == 0  # the image conversations: never
+        assert all(label in " ".join(replayed + text) for label in ALL_LABELS) == all_pairs
+    task = VLMTask(model, 2, examples, config)
+    step = next(s for s in range(50) if {examples.image[r] >= 0 for r in task.rows(s, 0)} == {True, False})
+    loss, _ = task.loss(task.batch(step, 0))
+    loss.backward()
+    assert torch.isfinite(loss) and model.lm.embed_tokens.weight.grad is not None
+    model.zero_grad(set_to_none=True)

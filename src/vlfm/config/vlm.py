@@ -81,6 +81,10 @@ class VLMDataConfig:
     train_size: int = 10000  # scenes rendered for training (shapes)
     eval_size: int = 300  # unseen scenes for the VQA evaluation
     text_size: int = 3000  # scenes whose conversations (~28 each) pretrain the LM in stage 0
+    # The world's text (tokenizer, stage 0, the replay) over every colour+shape pair, the held-out ones too; their
+    # images stay held out (data/stage_data.py text_scenes).
+    text_all_pairs: bool = False
+    text_replay: float = 0.0  # stage 2 on the world: text-only conversations of this x train_size scenes join its data
     max_length: int = 128  # longest training sequence in tokens (image tokens included); longer ones are skipped; at most the LM's max_positions
     max_turns: int = 3  # stage 2 on the world: the longest multi-turn conversation (questions per image pass)
     single_questions: bool = True  # stage 2 on the world: every question also alone, besides the multi-turn ones
@@ -97,6 +101,7 @@ class VLMDataConfig:
 
     def __post_init__(self):
         check_ranges(self, "data.", {"train_size": ">= 1", "eval_size": ">= 1", "text_size": ">= 1", "max_length": ">= 1",
+                                     "text_replay": ">= 0",
                                      "max_turns": ">= 1", "count_questions": ">= 0", "length_buckets": ">= 1",
                                      "workers": ">= 0"})  # fmt: skip
         if self.wordings not in ("one", "varied"):

@@ -92,6 +92,25 @@ def world_scenes(world: WorldConfig, n: int, split: str = "train") -> list:
     return [shapes.scene(split, i) for i in range(n)]
 
 
+def text_scenes(data, n: int) -> tuple[list, list[str]]:
+    """The first `n` scenes whose conversations are text alone (the tokenizer's, stage 0's, stage 2's replay) and
+    the labels their 'no' questions avoid. With data.text_all_pairs they take every colour+shape pair, the
+    held-out ones too: no image is drawn of them, as an LM pretrained on text knows words the images never show."""
+    if data.text_all_pairs:
+        return world_scenes(dataclasses.replace(data.world, held_out=[]), n), []
+    return world_scenes(data.world, n), list(data.world.held_out)
+
+
+def replay_pairs(data, rng: np.random.Generator) -> Pairs:
+    """Stage 2's text replay: the conversations of data.text_replay x train_size text scenes without their image
+    (LLaVA mixes text-only conversations into its instruction data), so the LM keeps what the text taught it."""
+    scenes, avoid = text_scenes(data, round(data.text_replay * data.train_size))
+    return [(-1, [(role, text.replace(IMAGE_TOKEN + "\n", "")) for role, text in conversation])
+            for scene in scenes
+            for conversation in world_conversations(scene, rng, avoid, data.max_turns, data.single_questions,
+                                                    data.count_questions, None, data.wordings)]  # fmt: skip
+
+
 def render_world(world: WorldConfig, n: int, workers: int) -> tuple[torch.Tensor, list]:
     """uint8 [n, 3, H, W] pixels of the world's first `n` training scenes, and the scenes."""
     images, scenes = render_many(ShapesWorld(world), "train", n, workers=workers)
@@ -112,6 +131,8 @@ def stage_examples(stage: int, data, phases: list, seed: int, encoder: Encoder, 
             more = [(i + len(pixels) if i >= 0 else -1, c) for i, c in more]
             pixels = torch.cat([pixels, more_pixels]) if len(pixels) else more_pixels
         parts.append(more)
+    if stage == 2 and data.source == "shapes" and data.text_replay:  # drawn last: the other rows stay as they were
+        pairs = pairs + replay_pairs(data, rng)
     out = encode_parts(parts + [pairs], pixels, encoder, data.max_length)
     windows = phase_windows(phases)
     out.phases = [Phase(start, end, rows, phase.mix) for (start, end), rows, phase in zip(windows, out.phases, phases)]
@@ -129,8 +150,8 @@ def stage_examples(stage: int, data, phases: list, seed: int, encoder: Encoder, 
 
 def text_examples(data, rng: np.random.Generator, encoder: Encoder) -> Examples:
     """Stage 0, text only: every token is a target, except the image placeholder (no image to predict)."""
-    texts = world_text(world_scenes(data.world, data.text_size), encoder.template, rng, data.world.held_out,
-                       data.count_questions, data.wordings)  # fmt: skip
+    scenes, avoid = text_scenes(data, data.text_size)
+    texts = world_text(scenes, encoder.template, rng, avoid, data.count_questions, data.wordings)
     ids = [encoder.tokenizer.encode(t)[: data.max_length] for t in texts]
     labels = [[IGNORE_INDEX if i == encoder.image_token_id else i for i in row] for row in ids]
     return Examples(ids, labels, [-1] * len(ids), torch.empty(0, 3, 1, 1, dtype=torch.uint8), main=range(len(ids)))

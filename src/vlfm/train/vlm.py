@@ -25,7 +25,7 @@ from vlfm.checkpoint import latest_checkpoint
 from vlfm.config import ConfigError, StageConfig, TrainConfig, VLMRunConfig, to_dict
 from vlfm.data import stage_data
 from vlfm.data.chat import TEMPLATES, add_chat_tokens, world_text
-from vlfm.data.stage_data import Encoder, Examples, world_scenes
+from vlfm.data.stage_data import Encoder, Examples, text_scenes
 from vlfm.data.tokenizer import Tokenizer
 from vlfm.eval.vqa import VQASet, vqa_accuracy
 from vlfm.io import load_state_strict
@@ -65,8 +65,9 @@ def build_model(config: VLMRunConfig) -> VisionLanguageModel:
         model_config.lm = dataclasses.replace(lm.config)
         lm_state = lm.state_dict()
     else:
-        texts = world_text(world_scenes(config.data.world, config.data.text_size), template, np.random.default_rng(config.train.seed),
-                           config.data.world.held_out, config.data.count_questions, config.data.wordings)
+        scenes, avoid = text_scenes(config.data, config.data.text_size)
+        texts = world_text(scenes, template, np.random.default_rng(config.train.seed), avoid,
+                           config.data.count_questions, config.data.wordings)  # fmt: skip
         tokenizer = Tokenizer.train(texts, vocab_size=model_config.lm.vocab_size)
     add_chat_tokens(tokenizer, template, model_config.image_token)
     model_config.image_token_id = tokenizer.backend.token_to_id(model_config.image_token)
