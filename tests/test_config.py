@@ -64,7 +64,7 @@ def test_config_of_an_older_run_loads_with_its_keys_renamed(tmp_path):
     old = yaml.safe_load(Path("configs/shapes-vlm.yaml").read_text())
     old["data"]["world"] = {"image_size": 64, "grey_fraction": 0.3, "grey_colours": "off_palette"}
     old["stage2"].pop("phases")
-    old["stage2"].update(curriculum_steps=[300], focus_steps=150, focus_start=900, focus_kinds=["relation"])
+    old["stage2"].update(curriculum_steps=[300], focus_steps=150, focus_start=700, focus_kinds=["relation"])
     config = from_dict(VLMRunConfig, old)
     assert (config.data.world.colour_free_fraction, config.data.world.colour_free_style) == (0.3, "off_palette")
     assert to_dict(config)["stage2"]["phases"] == to_dict(load_config("configs/shapes-vlm.yaml"))["stage2"]["phases"]
