@@ -224,3 +224,8 @@ def test_stage_2_text_replay_adds_text_only_rows_after_the_world_s_own(tmp_path,
     loss.backward()
     assert torch.isfinite(loss) and model.lm.embed_tokens.weight.grad is not None
     model.zero_grad(set_to_none=True)
+
+
+def test_text_replay_on_a_llava_file_is_refused(files):
+    with pytest.raises(ConfigError, match=r"data.text_replay=0.3 replays the built-in world's text"):
+        tiny_vlm_config(files, f"data.source={files / 'main.json'}", "data.text_replay=0.3")

@@ -104,6 +104,9 @@ class VLMDataConfig:
                                      "text_replay": ">= 0",
                                      "max_turns": ">= 1", "count_questions": ">= 0", "length_buckets": ">= 1",
                                      "workers": ">= 0"})  # fmt: skip
+        if self.text_replay and self.source != "shapes":
+            raise ConfigError(f"data.text_replay={self.text_replay} replays the built-in world's text; data.source="
+                              f"{self.source} is a file: put its text-only conversations in the file instead")
         if self.wordings not in ("one", "varied"):
             raise ConfigError(f"data.wordings={self.wordings!r} must be one or varied (held-out wordings are VQA's alone)")
 

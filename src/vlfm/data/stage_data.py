@@ -131,7 +131,7 @@ def stage_examples(stage: int, data, phases: list, seed: int, encoder: Encoder, 
             more = [(i + len(pixels) if i >= 0 else -1, c) for i, c in more]
             pixels = torch.cat([pixels, more_pixels]) if len(pixels) else more_pixels
         parts.append(more)
-    if stage == 2 and data.source == "shapes" and data.text_replay:  # drawn last: the other rows stay as they were
+    if stage == 2 and data.text_replay:  # the world only (config checks); drawn last: the other rows stay as they were
         pairs = pairs + replay_pairs(data, rng)
     out = encode_parts(parts + [pairs], pixels, encoder, data.max_length)
     windows = phase_windows(phases)
