@@ -81,3 +81,23 @@ def test_shades_keep_their_name():
 def test_bad_strength():
     with pytest.raises(ValueError, match=r"world.randomise=1.5 must be in \[0, 1\]"):
         WorldConfig(randomise=1.5)
+
+
+def test_randomise_factors_vary_only_the_named_ones():
+    every = ShapesWorld(replace(RANDOM.config, randomise_factors=["size", "edges", "shade", "background", "zoom",
+        "outline", "shadow", "aspect", "turn", "proportions", "resample", "blur", "light", "noise", "jpeg"]))  # fmt: skip
+    scene = RANDOM.scene("train", 5)
+    assert np.array_equal(np.asarray(RANDOM.render(scene)), np.asarray(every.render(every.scene("train", 5))))
+    # background left out: every corner is the plain world's light grey paper, as without randomisation
+    turned = ShapesWorld(replace(RANDOM.config, randomise_factors=["turn", "proportions"]))
+    grey = corners(turned)
+    assert (grey.max(1) - grey.min(1)).max() < 40 and grey.mean(1).min() > 100
+    assert not (corners(RANDOM).mean(1).min() > 100)
+    # turn alone: the same scene with its objects turned or not, so some drawings differ from the plain-style one
+    nothing = ShapesWorld(replace(RANDOM.config, randomise_factors=[]))
+    only_turn = ShapesWorld(replace(RANDOM.config, randomise_factors=["turn"]))
+    differ = [not np.array_equal(np.asarray(nothing.render(nothing.scene("train", i))),
+                                 np.asarray(only_turn.render(only_turn.scene("train", i)))) for i in range(40)]  # fmt: skip
+    assert 0.2 < np.mean(differ) < 1.0  # turned with probability ~strength / 2 per object
+    with pytest.raises(ValueError, match="randomise_factors=.*must be a list of: size, edges"):
+        WorldConfig(randomise=0.5, randomise_factors=["rotation"])

@@ -125,7 +125,7 @@ def render(scene: Scene, image_size: int = 64) -> Image.Image:
     if scene.randomised:
         image = render_randomised(scene, image_size, scene.randomised, SIZE_EXTENT,
                                   lambda obj, rng, back: _colour(scene, obj, rng, back), _PALETTE,
-                                  free_scale(scene.objects, _HALF, _GAP))  # fmt: skip
+                                  free_scale(scene.objects, _HALF, _GAP), scene.randomise_factors)  # fmt: skip
         return image.convert("L").convert("RGB") if scene.grey and not scene.off_palette else image
     return Image.fromarray(_render_plain(scene, image_size))
 

@@ -24,6 +24,9 @@ from vlfm.io import read_image
 # inner radius and a cross's arm width are the shape's proportions: the plain world's are STAR_INNER and ARM.
 _T = np.linspace(0, 2 * np.pi, 48, endpoint=False)
 STAR_INNER, ARM = 0.5, 0.34
+# The factors `world.randomise_factors` can pick; None (the default) varies every one.
+FACTORS = ("size", "edges", "shade", "background", "zoom", "outline", "shadow", "aspect", "turn", "proportions",
+           "resample", "blur", "light", "noise", "jpeg")  # fmt: skip
 
 
 def outline(shape: str, star_inner: float = STAR_INNER, arm: float = ARM) -> np.ndarray:
@@ -106,38 +109,41 @@ def shade(rng: np.random.Generator, colour: np.ndarray, palette: np.ndarray, spr
 
 def render_randomised(scene, image_size: int, strength: float, extents: dict[str, tuple[float, float]],
                       colour_of: Callable[[object, np.random.Generator, float], np.ndarray], palette: np.ndarray,
-                      scale_room: float) -> Image.Image:  # fmt: skip
+                      scale_room: float, factors: Sequence[str] | None = None) -> Image.Image:  # fmt: skip
     """Draw `scene` in a random style. colour_of(obj, rng, background_mean) is the object's colour as the plain
-    world chooses it (named, grey or off-palette), palette the named colours' RGB; scale_room is free_scale of the scene's objects."""
+    world chooses it (named, grey or off-palette), palette the named colours' RGB; scale_room is free_scale of the
+    scene's objects; factors (of FACTORS) the ones that vary, None for all. Every random number is drawn whichever
+    factors vary, so a factor left out changes nothing else about the drawing."""
     rng = np.random.default_rng([scene.background % 2**32, 0x5EED])
     p = strength
-    size = image_size if rng.random() > p / 2 else int(rng.integers(image_size // 2, 2 * image_size + 1))
-    ss = 1 if rng.random() < p / 3 else 4  # hard edges: drawn at the final grid, no supersampling
+    on = {f: factors is None or f in factors for f in FACTORS}
+    size = image_size if rng.random() > p / 2 or not on["size"] else int(rng.integers(image_size // 2, 2 * image_size + 1))
+    ss = 1 if rng.random() < p / 3 and on["edges"] else 4  # hard edges: drawn at the final grid, no supersampling
     s = size * ss
     objects = scene.objects
     # Named colours first (the background must contrast with them); grey and off-palette ones after the
     # background, against the background actually drawn.
     colours = [] if scene.grey else [colour_of(o, rng, 128.0) for o in objects]
-    colours = [shade(rng, c, palette, 45 * p) if rng.random() < p else c for c in colours]
-    back = _background(rng, s, colours) if rng.random() < p else np.full((s, s, 3), rng.uniform(130, 215))
+    colours = [shade(rng, c, palette, 45 * p) if rng.random() < p and on["shade"] else c for c in colours]
+    back = _background(rng, s, colours) if rng.random() < p and on["background"] else np.full((s, s, 3), rng.uniform(130, 215))
     paper = back.mean((0, 1))  # the background's mean colour, computed once
     brightness = float(paper.mean())
     if scene.grey:
         colours = [colour_of(o, rng, brightness) for o in objects]
     canvas = Image.fromarray(np.clip(back, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
-    zoom = float(np.exp(rng.uniform(np.log(0.6), np.log(max(0.6, min(scale_room, 2.5)))))) if rng.random() < p else 1.0
-    hollow = rng.random() < p / 3  # drawn as an outline only
-    border = not hollow and rng.random() < p / 2  # filled, with a dark (light on a dark background) border
+    zoom = float(np.exp(rng.uniform(np.log(0.6), np.log(max(0.6, min(scale_room, 2.5)))))) if rng.random() < p and on["zoom"] else 1.0
+    hollow = rng.random() < p / 3 and on["outline"]  # drawn as an outline only
+    border = not hollow and rng.random() < p / 2 and on["outline"]  # filled, with a dark (light on a dark background) border
     ink = tuple(int(v) for v in (rng.uniform(0, 50, size=3) if brightness > 110 else rng.uniform(205, 255, size=3)))
-    shadow = rng.random() < p / 3  # a darker copy of the shape, offset down and to the right
+    shadow = rng.random() < p / 3 and on["shadow"]  # a darker copy of the shape, offset down and to the right
     dark = tuple(int(v) for v in paper * 0.6)
     for obj, colour in zip(objects, colours):
         lo, hi = extents[obj.size]
         extent = rng.uniform(lo, hi) * s * zoom
-        rx, ry = extent / 2 * rng.uniform(1 - 0.35 * p, 1.0, size=2)
-        angle = rng.uniform(-np.pi, np.pi) if rng.random() < p / 2 else 0.0
-        unit = outline(obj.shape, *(rng.uniform([0.35, 0.2], [0.6, 0.45]) if rng.random() < p else (STAR_INNER, ARM)))
+        rx, ry = extent / 2 * rng.uniform(1 - 0.35 * p * on["aspect"], 1.0, size=2)
+        angle = rng.uniform(-np.pi, np.pi) if rng.random() < p / 2 and on["turn"] else 0.0
+        unit = outline(obj.shape, *(rng.uniform([0.35, 0.2], [0.6, 0.45]) if rng.random() < p and on["proportions"] else (STAR_INNER, ARM)))
         fill = tuple(int(v) for v in colour)
         pts = _polygon(unit, obj.x * s, obj.y * s, rx, ry, angle)
         if shadow:
@@ -150,21 +156,22 @@ def render_randomised(scene, image_size: int, strength: float, extents: dict[str
         else:
             draw.polygon(pts, fill=fill)
     image = canvas.resize((size, size), Image.BOX) if ss > 1 else canvas
-    return _degrade(rng, image, image_size, p)
+    return _degrade(rng, image, image_size, p, on)
 
 
-def _degrade(rng: np.random.Generator, image: Image.Image, n: int, p: float) -> Image.Image:
+def _degrade(rng: np.random.Generator, image: Image.Image, n: int, p: float, on: dict[str, bool]) -> Image.Image:
     """Resize to n (a random filter), then brightness/contrast, blur, noise and JPEG, each with probability ~p."""
-    image = image.resize((n, n), [Image.BILINEAR, Image.BICUBIC, Image.NEAREST, Image.BOX][rng.integers(4)])
-    if rng.random() < p / 2:
+    resample = [Image.BILINEAR, Image.BICUBIC, Image.NEAREST, Image.BOX][rng.integers(4)]
+    image = image.resize((n, n), resample if on["resample"] else Image.BOX)
+    if rng.random() < p / 2 and on["blur"]:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
     px = np.asarray(image, dtype=np.float32)
-    if rng.random() < p:
+    if rng.random() < p and on["light"]:
         px = (px - 128) * rng.uniform(0.75, 1.2) + 128 + rng.uniform(-30, 30)
-    sigma = rng.uniform(0, 12 * p) if rng.random() < p else rng.uniform(3, 8)
+    sigma = rng.uniform(0, 12 * p) if rng.random() < p and on["noise"] else rng.uniform(3, 8)
     px = px + rng.normal(0, sigma, size=(n, n, 1)) + rng.normal(0, 2, size=(n, n, 3))
     image = Image.fromarray(np.clip(px + 0.5, 0, 255).astype(np.uint8))
-    if rng.random() < p / 3:
+    if rng.random() < p / 3 and on["jpeg"]:
         buffer = BytesIO()
         image.save(buffer, format="JPEG", quality=int(rng.integers(15, 80)))
         image = read_image(buffer.getvalue())  # the one guarded decoder (a JPEG just written always decodes)

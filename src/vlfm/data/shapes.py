@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from vlfm.data.randomise import FACTORS
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -85,6 +87,8 @@ class WorldConfig:
     randomise: float = 0.0
     # Fraction of training scenes drawn randomised (the rest plain) when `randomise` > 0.
     randomise_fraction: float = 1.0
+    # Which factors vary (data/randomise.py FACTORS, e.g. [turn, proportions]); null: all of them.
+    randomise_factors: list[str] | None = None
 
     # keys of earlier versions (config.yaml of older runs) -> their names now
     RENAMED: ClassVar[dict[str, str]] = {"grey_fraction": "colour_free_fraction", "grey_colours": "colour_free_style"}
@@ -128,6 +132,9 @@ class WorldConfig:
             raise ValueError(f"world.randomise={self.randomise} must be in [0, 1]")
         if not 0.0 < self.randomise_fraction <= 1.0:
             raise ValueError(f"world.randomise_fraction={self.randomise_fraction} must be in (0, 1]")
+        if self.randomise_factors is not None:
+            if isinstance(self.randomise_factors, str) or not all(f in FACTORS for f in self.randomise_factors):
+                raise ValueError(f"world.randomise_factors={self.randomise_factors!r} must be a list of: {', '.join(FACTORS)}")
         if self.seed < 0:
             raise ValueError(f"world.seed={self.seed} must be >= 0")
 
@@ -156,6 +163,8 @@ class Scene:
     # A glyph scene drawn as synthetic handwriting, not in a font. Left out of repr, so the records of every world
     # without handwriting print (and hash, tests/test_shapes_pinned.py) as before; == still compares it.
     handwritten: bool = field(default=False, repr=False)
+    # The randomised factors (world.randomise_factors; None: all), out of repr for the same reason.
+    randomise_factors: tuple[str, ...] | None = field(default=None, repr=False)
 
 
 class ShapesWorld:
@@ -187,7 +196,8 @@ class ShapesWorld:
         if split == "train" and self.config.colour_free_fraction and rng.random() < self.config.colour_free_fraction:
             scene = replace(scene, grey=True, off_palette=self.config.colour_free_style == "off_palette")
         if split == "train" and self.config.randomise and rng.random() < self.config.randomise_fraction:
-            scene = replace(scene, randomised=self.config.randomise)
+            factors = self.config.randomise_factors
+            scene = replace(scene, randomised=self.config.randomise, randomise_factors=None if factors is None else tuple(factors))
         return scene
 
     def single_object_scene(self, index: int, combos: list[str]) -> Scene:
