@@ -31,7 +31,7 @@ demo-siglip: setup
 # The assistant: an image tower (the shapes-lit preset, shortened: it learns against the locked MiniLM text tower,
 # so its shapes are sharp after few steps), then the VLM stages 0-2 on top of it, VQA on unseen scenes (eval.json),
 # and a chat transcript about a newly rendered scene.
-demo-vlm: setup  ## the LLaVA-style assistant on the built-in world (~16 minutes on 2 cores)
+demo-vlm: setup  ## the LLaVA-style assistant on the built-in world (16-18 minutes on 2 cores)
 	$(BIN)/vlfm train configs/shapes-lit.yaml -o name=tower-$(RUN_NAME) -o train.steps=$(TOWER_STEPS) \
 		-o train.eval_every=0 -o train.save_every=0 $(TOWER_WORLD)
 	$(BIN)/vlfm train configs/shapes-vlm.yaml -o name=vlm-$(RUN_NAME) -o model.vision_init=runs/tower-$(RUN_NAME)
